@@ -58,6 +58,8 @@ def load_image(
         raise NotAnImageError(f"{label}: empty file")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own guard fires at open for absurd canvases
+        raise ImageTooLargeError(f"{label}: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(f"{label}: not an image (unrecognised format)") from exc
     except (OSError, ValueError) as exc:

@@ -1,0 +1,62 @@
+"""From logits to tags: thresholds, ordering, top-k, all scores; the Tagger end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ramplus_core
+from conftest import random_images
+from ramplus_core import Tagger, Vocabulary, select_tags
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+@pytest.fixture()
+def vocab():
+    emb = F.normalize(torch.randn(4, 2, 512), dim=-1)
+    return Vocabulary.from_embeddings(["cat", "dog", "sofa", "sky"], emb, thresholds=[0.6, 0.6, 0.9, 0.5], name="pets", version="3")
+
+
+def test_tags_above_their_own_thresholds_score_descending(vocab):
+    logits = torch.tensor([[_logit(0.7), _logit(0.95), _logit(0.85), _logit(0.5)]])
+    (result,) = select_tags(logits, vocab)
+    assert result.names == ["dog", "cat"]  # sofa under its 0.9, sky equal to 0.5 is not above it
+    assert result.tags[0].score == pytest.approx(0.95)
+    assert result.vocab == "pets@3"
+    assert result.scores is None
+
+
+def test_a_global_threshold_and_top_k(vocab):
+    logits = torch.tensor([[_logit(0.7), _logit(0.95), _logit(0.85), _logit(0.2)]])
+    (result,) = select_tags(logits, vocab, threshold=0.3, top_k=2)
+    assert result.names == ["dog", "sofa"]
+
+
+def test_all_scores_on_request(vocab):
+    (result,) = select_tags(torch.zeros(1, 4), vocab, all_scores=True)
+    assert result.scores == {"cat": 0.5, "dog": 0.5, "sofa": 0.5, "sky": 0.5}
+
+
+def test_logits_of_another_vocabulary_are_refused(vocab):
+    with pytest.raises(ValueError, match="do not match a vocabulary of 4 tags"):
+        select_tags(torch.zeros(1, 3), vocab)
+
+
+def test_tagger_closed_and_open_set_through_the_same_call(tiny_official_checkpoint, vocab):
+    model = ramplus_core.load_checkpoint(tiny_official_checkpoint)
+    tagger = Tagger(model, batch_size=2)
+    images = random_images(3)
+    closed = tagger.tag(images, threshold=0.0, all_scores=True)
+    assert [len(r.scores) for r in closed] == [7, 7, 7]
+    opened = tagger.tag(images, vocabulary=vocab, threshold=0.0)
+    assert all(r.vocab == "pets@3" and len(r.tags) == 4 for r in opened)
+    # the same scores as the raw model
+    with torch.inference_mode():
+        raw = torch.sigmoid(model.tag_logits(ramplus_core.preprocess(images, 64), vocab))
+    assert [t.score for t in opened[0].tags] == pytest.approx(sorted(raw[0].tolist(), reverse=True), abs=1e-6)
