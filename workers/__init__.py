@@ -1,0 +1,1 @@
+"""The streaming system around ramplus_core: CLI, settings, sources, sinks, fleet."""

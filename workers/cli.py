@@ -1,0 +1,151 @@
+"""The `ramplus` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+from urllib.parse import unquote, urlparse
+
+import typer
+
+from workers.logs import configure_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="RAM++ open-set image tagging.")
+weights_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: fetch and verify.")
+app.add_typer(weights_app, name="weights")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def iter_image_paths(inputs: list[str]) -> Iterator[Path]:
+    """Files as given, folders walked recursively for image suffixes, `file://` URIs as paths."""
+    for item in inputs:
+        if "://" in item:
+            uri = urlparse(item)
+            if uri.scheme != "file":
+                _fail(f"{item}: `ramplus tag` reads local files and file:// URIs only (got {uri.scheme}://)")
+            item = unquote(uri.path)
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield path  # a missing file is reported per image, not as a crash
+
+
+@app.command()
+def tag(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or file:// URIs.")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official .pth or our model directory.")
+    ] = None,
+    vocab: Annotated[Optional[Path], typer.Option(help="Vocabulary file (.safetensors); default: the checkpoint's own.")] = None,
+    tag_list: Annotated[Optional[Path], typer.Option(help="Official tag list (ram_tag_list.txt) for an official checkpoint.")] = None,
+    thresholds: Annotated[Optional[Path], typer.Option(help="Official per-tag thresholds (ram_tag_list_threshold.txt).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="One threshold for every tag.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="At most this many tags per image.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    all_scores: Annotated[bool, typer.Option(help="Include every tag's score (JSON only).")] = False,
+    variant: Annotated[Optional[str], typer.Option(help="swin_l or swin_b; inferred when omitted.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="224 or 384; inferred when omitted.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 weights.")] = "fp32",
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling of a checkpoint you trust.")] = False,
+    max_pixels: Annotated[int, typer.Option(min=1)] = 64_000_000,
+    max_bytes: Annotated[int, typer.Option(min=1)] = 50 * 1024 * 1024,
+) -> None:
+    """Tag local images with RAM++ and print a table or JSON lines.
+
+    Exit status: 0 all tagged, 1 some images could not be read (reported per image), 2 nothing could run.
+    """
+    configure_logging(level="WARNING")
+    from ramplus_core import RamPlusError, Tagger, Vocabulary, load_checkpoint, load_image
+    from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
+
+    if checkpoint is None:
+        _fail(f"no checkpoint given. {OFFICIAL_WEIGHTS_HELP}")
+    paths = list(iter_image_paths(inputs))
+    if not paths:
+        _fail("no images found in " + ", ".join(inputs))
+    try:
+        model = load_checkpoint(
+            checkpoint, variant, image_size, vocabulary=Vocabulary.load(vocab) if vocab else None,
+            tag_list=tag_list, thresholds=thresholds, trust_pickle=trust_checkpoint,
+        )
+        tagger = Tagger(model, device=device, precision=precision, batch_size=batch_size)
+    except (RamPlusError, ValueError) as exc:
+        _fail(str(exc))
+
+    failures = 0
+    batch: list[tuple[Path, object]] = []
+
+    def flush() -> None:
+        results = tagger.tag([im for _, im in batch], threshold=threshold, top_k=top_k, all_scores=all_scores)
+        for (path, _), result in zip(batch, results):
+            if as_json:
+                line = {"path": str(path), "tags": [t.model_dump() for t in result.tags], "vocab": result.vocab, "model": model.config.key}
+                if result.scores is not None:
+                    line["scores"] = result.scores
+                typer.echo(json.dumps(line))
+            else:
+                typer.echo(f"{path}\t" + (", ".join(f"{t.tag} ({t.score:.2f})" for t in result.tags) or "-"))
+        batch.clear()
+
+    for path in paths:
+        try:
+            batch.append((path, load_image(path, max_bytes=max_bytes, max_pixels=max_pixels)))
+        except RamPlusError as exc:
+            failures += 1
+            kind = getattr(exc, "kind", "error")
+            if as_json:
+                typer.echo(json.dumps({"path": str(path), "error": {"kind": kind, "message": str(exc)}}))
+            else:
+                typer.echo(f"skipped {path}: {exc}", err=True)
+            continue
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    if failures:
+        raise typer.Exit(1)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    name: Annotated[str, typer.Argument(help="Registry name.")] = "ram_plus_swin_large_14m",
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Default: $RAMPLUS_CACHE_DIR/checkpoints or ~/.cache/ramplus.")] = None,
+    url: Annotated[Optional[str], typer.Option(help="A mirror of the same file (checked against the registry's sha256).")] = None,
+) -> None:
+    """Download (or resume) a known checkpoint and verify its sha256; prints its path."""
+    configure_logging(level="WARNING")
+    from ramplus_core import RamPlusError
+    from ramplus_core.download import fetch_checkpoint
+
+    try:
+        path = fetch_checkpoint(name, cache_dir=cache_dir, url=url, progress=sys.stderr.isatty())
+    except RamPlusError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # network errors after retries
+        _fail(f"download failed: {type(exc).__name__}: {exc}")
+    typer.echo(str(path))
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Known checkpoints with their size and sha256."""
+    from ramplus_core.registry import KNOWN_CHECKPOINTS
+
+    for c in KNOWN_CHECKPOINTS.values():
+        typer.echo(f"{c.name}\t{c.config}\t{c.size} bytes\tsha256 {c.sha256}\n  {c.description}\n  {c.url}")
+
+
+if __name__ == "__main__":
+    app()
