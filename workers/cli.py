@@ -47,8 +47,8 @@ def tag(
         Optional[Path], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official .pth or our model directory.")
     ] = None,
     vocab: Annotated[Optional[Path], typer.Option(help="Vocabulary file (.safetensors); default: the checkpoint's own.")] = None,
-    tag_list: Annotated[Optional[Path], typer.Option(help="Official tag list (ram_tag_list.txt) for an official checkpoint.")] = None,
-    thresholds: Annotated[Optional[Path], typer.Option(help="Official per-tag thresholds (ram_tag_list_threshold.txt).")] = None,
+    tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_TAG_LIST", help="Official tag list (ram_tag_list.txt) for an official checkpoint.")] = None,
+    thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_THRESHOLDS", help="Official per-tag thresholds (ram_tag_list_threshold.txt).")] = None,
     threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="One threshold for every tag.")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="At most this many tags per image.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
@@ -116,6 +116,24 @@ def tag(
         flush()
     if failures:
         raise typer.Exit(1)
+
+
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
+
+
+@app.command()
+def samples(directory: Annotated[Path, typer.Argument(help="Where to write the JPEGs.")] = Path("var/photos")) -> None:
+    """Write the real photos that ship with scikit-image (a cat, coffee, a rocket, ...) as JPEGs."""
+    try:
+        import skimage.data
+        from PIL import Image
+    except ImportError:
+        _fail("scikit-image is not installed: pip install scikit-image (or the package's [dev] extra)")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLE_PHOTOS:
+        pixels = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
+        Image.fromarray(pixels).convert("RGB").save(directory / f"{name}.jpg", quality=92)
+    typer.echo(f"wrote {len(SAMPLE_PHOTOS)} photos to {directory}")
 
 
 @weights_app.command("fetch")
