@@ -17,7 +17,6 @@ unexpected or mis-shaped key is named.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -33,7 +32,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 from ramplus_core.configs import MODEL_CONFIGS, ModelConfig, get_config
 from ramplus_core.errors import CheckpointError, CheckpointLayoutError, ConfigError, UntrustedCheckpointError
 from ramplus_core.model import RamPlus
-from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP, TRUSTED_SHA256
+from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP, TRUSTED_SHA256, sha256_file
 from ramplus_core.vocabulary import Vocabulary, read_tag_list, read_thresholds
 
 log = structlog.get_logger(__name__)
@@ -58,14 +57,6 @@ _PASS_THROUGH = ("image_proj.", "wordvec_proj.", "fc.")
 
 
 # -- reading the official pickle ---------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_torch_file(path: str | Path, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
@@ -303,7 +294,8 @@ def official_vocabulary(
         values = OFFICIAL_DEFAULT_THRESHOLD
     else:
         values = thresholds
-    return Vocabulary.from_official(label_embed.detach().float(), tags, values)
+    # A copy: with mmap=True the tensor is backed by the checkpoint file.
+    return Vocabulary.from_official(label_embed.detach().to(torch.float32, copy=True), tags, values)
 
 
 def import_official_vocabulary(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from tqdm import tqdm
 
 from ramplus_core.errors import CheckpointError
-from ramplus_core.registry import KNOWN_CHECKPOINTS
+from ramplus_core.registry import KNOWN_CHECKPOINTS, sha256_file
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +42,7 @@ def fetch_checkpoint(
         return final
     part = final.with_name(final.name + ".part")
     _download(url or known.url, part, known.size, timeout_s, progress)
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if digest != known.sha256:
         part.unlink()
         raise CheckpointError(
@@ -82,11 +81,3 @@ def _download(url: str, part: Path, size: int, timeout_s: float, progress: bool)
                 bar.update(len(block))
     if part.stat().st_size != size:
         raise httpx.TransportError(f"connection ended at {part.stat().st_size} of {size} bytes")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()

@@ -83,14 +83,18 @@ class RamPlus(nn.Module):
     def vocabulary(self) -> Vocabulary | None:
         return self._vocab.vocabulary if self._vocab is not None else None
 
-    def prepare_vocabulary(self, vocabulary: Vocabulary | VocabularyTensors) -> VocabularyTensors:
-        """Validate against this model and move to its device and dtype (do it once, not per batch)."""
+    def prepare_vocabulary(self, vocabulary: Vocabulary | VocabularyTensors, *, validate: bool = True) -> VocabularyTensors:
+        """Validate against this model and move to its device and dtype (do it once, not per batch).
+
+        The checksum is not recomputed here: files are checked when read (`Vocabulary.load`).
+        """
         p = self.reweight_scale
         if isinstance(vocabulary, VocabularyTensors):
             if vocabulary.embeddings.device == p.device and vocabulary.embeddings.dtype == p.dtype:
                 return vocabulary
             vocabulary = vocabulary.vocabulary
-        vocabulary.validate(dim=self.config.text_dim)
+        if validate:
+            vocabulary.validate(dim=self.config.text_dim, check_sha=False)
         mask = vocabulary.mask()
         return VocabularyTensors(
             embeddings=vocabulary.embeddings.to(device=p.device, dtype=p.dtype),
@@ -107,7 +111,7 @@ class RamPlus(nn.Module):
         # Keep the active vocabulary on the model's device/dtype across .to()/.half()/.cuda().
         out = super()._apply(fn, recurse)
         if self._vocab is not None:
-            self._vocab = self.prepare_vocabulary(self._vocab.vocabulary)
+            self._vocab = self.prepare_vocabulary(self._vocab.vocabulary, validate=False)
         return out
 
     def _resolve(self, vocabulary: Vocabulary | VocabularyTensors | None) -> VocabularyTensors:

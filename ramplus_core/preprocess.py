@@ -76,6 +76,7 @@ def load_image(
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """In place, for [3, H, W] or [B, 3, H, W]."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
@@ -126,13 +127,8 @@ class FastPreprocessor:
             batch = torch.stack([pixels[i] for i in index]).to(self.device, non_blocking=True).float()
             resized = F.interpolate(batch, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
             out[index] = resized.round_().clamp_(0, 255).div_(255)
-        return _normalize_batch(out)
+        return _normalize(out)
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.resize([self.decode(im) for im in images])
 
-
-def _normalize_batch(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(mean).div_(std)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -38,3 +41,11 @@ OFFICIAL_WEIGHTS_HELP = (
     "--checkpoint PATH or set RAMPLUS_CHECKPOINT. Its tag names and thresholds are ram_tag_list.txt and "
     "ram_tag_list_threshold.txt in the xinyu1205/recognize-anything repository (ram/data/)."
 )
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

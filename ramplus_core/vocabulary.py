@@ -94,13 +94,14 @@ class Vocabulary:
         metadata: VocabularyMetadata,
         *,
         validate: bool = True,
+        check_sha: bool = True,
     ) -> None:
         self.embeddings = embeddings
         self.counts = counts.to(torch.int64)
         self.thresholds = thresholds.to(torch.float32)
         self.metadata = metadata
         if validate:
-            self.validate()
+            self.validate(check_sha=check_sha)
 
     # -- construction -------------------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class Vocabulary:
             source=source,
             tags=tags,
         )
-        return cls(padded, counts, _as_thresholds(thresholds, len(tags)), metadata)
+        return cls(padded, counts, _as_thresholds(thresholds, len(tags)), metadata, check_sha=False)
 
     @classmethod
     def from_official(
@@ -206,15 +207,19 @@ class Vocabulary:
     ) -> Vocabulary:
         """From the official description format: a list of `{tag: [descriptions]}`; counts may differ."""
         tags: list[str] = []
-        embeds: list[torch.Tensor] = []
+        texts: list[str] = []
+        counts: list[int] = []
         for i, item in enumerate(items):
             if not isinstance(item, dict) or len(item) != 1:
                 raise VocabularyError(f"description item {i} must be a single-key {{tag: [descriptions]}} dict")
             ((tag, descriptions),) = item.items()
-            if not descriptions:
-                raise VocabularyError(f"tag {tag!r} has no descriptions")
+            if not descriptions or not all(isinstance(d, str) for d in descriptions):
+                raise VocabularyError(f"tag {tag!r} needs a non-empty list of description strings")
             tags.append(tag)
-            embeds.append(_normalize(encode(list(descriptions))))
+            texts.extend(descriptions)
+            counts.append(len(descriptions))
+        # One encode call for all tags: the encoder batches across tag boundaries.
+        embeds = list(_normalize(encode(texts)).split(counts)) if texts else []
         return cls.from_embeddings(
             tags, embeds, thresholds=thresholds, name=name, version=version,
             text_encoder=text_encoder, source="descriptions", dtype=dtype,
@@ -297,15 +302,19 @@ class Vocabulary:
                 "tags": list(tags),
             }
         )
-        return Vocabulary(embeddings, counts, self.thresholds[rows].clone(), meta)
+        return Vocabulary(embeddings, counts, self.thresholds[rows].clone(), meta, check_sha=False)
 
     def with_thresholds(self, thresholds: float | Sequence[float] | torch.Tensor) -> Vocabulary:
-        return Vocabulary(self.embeddings, self.counts, _as_thresholds(thresholds, len(self)), self.metadata)
+        return Vocabulary(self.embeddings, self.counts, _as_thresholds(thresholds, len(self)), self.metadata, check_sha=False)
 
     # -- checks -------------------------------------------------------------------------------------------
 
-    def validate(self, dim: int | None = None) -> None:
-        """Raise `VocabularyError` naming the problem if this vocabulary cannot be used (by a model of `dim`)."""
+    def validate(self, dim: int | None = None, *, check_sha: bool = True) -> None:
+        """Raise `VocabularyError` naming the problem if this vocabulary cannot be used (by a model of `dim`).
+
+        `check_sha=False` skips re-hashing (about a second for an official-size vocabulary) where the hash
+        was just computed or already checked when the file was read.
+        """
         meta, e = self.metadata, self.embeddings
         where = f"vocabulary {meta.ref}"
         if e.ndim != 3:
@@ -339,6 +348,8 @@ class Vocabulary:
             raise VocabularyError(f"{where}: non-finite (NaN or inf) embedding values, first in tag {tag!r}")
         if not bool(torch.isfinite(self.thresholds).all()) or bool(((self.thresholds < 0) | (self.thresholds > 1)).any()):
             raise VocabularyError(f"{where}: thresholds must be finite probabilities in [0, 1]")
+        if not check_sha:
+            return
         actual = content_sha256(e, self.counts)
         if actual != meta.sha256:
             raise VocabularyError(f"{where}: sha256 mismatch (metadata {meta.sha256[:12]}..., content {actual[:12]}...): corrupt or altered")

@@ -60,3 +60,14 @@ def test_tagger_closed_and_open_set_through_the_same_call(tiny_official_checkpoi
     with torch.inference_mode():
         raw = torch.sigmoid(model.tag_logits(ramplus_core.preprocess(images, 64), vocab))
     assert [t.score for t in opened[0].tags] == pytest.approx(sorted(raw[0].tolist(), reverse=True), abs=1e-6)
+
+
+def test_bf16_weights_stay_close_to_fp32(tiny_official_checkpoint):
+    images = random_images(2, seed=4)
+    fp32 = Tagger(ramplus_core.load_checkpoint(tiny_official_checkpoint)).logits(images)
+    bf16_tagger = Tagger(ramplus_core.load_checkpoint(tiny_official_checkpoint), precision="bf16")
+    assert bf16_tagger.model.vocabulary is not None
+    assert next(bf16_tagger.model.parameters()).dtype == torch.bfloat16
+    bf16 = bf16_tagger.logits(images)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max() < 0.25 * fp32.abs().max()
