@@ -83,6 +83,11 @@ class RamPlus(nn.Module):
     def vocabulary(self) -> Vocabulary | None:
         return self._vocab.vocabulary if self._vocab is not None else None
 
+    @property
+    def vocabulary_tensors(self) -> VocabularyTensors | None:
+        """The active vocabulary as prepared for this model (device, dtype), for callers that swap it."""
+        return self._vocab
+
     def prepare_vocabulary(self, vocabulary: Vocabulary | VocabularyTensors, *, validate: bool = True) -> VocabularyTensors:
         """Validate against this model and move to its device and dtype (do it once, not per batch).
 

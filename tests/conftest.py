@@ -63,3 +63,23 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def make_tiny_model(num_tags: int = 12, seed: int = 0, name: str = "tiny-vocab", version: str = "1"):
+    """A randomly initialised tiny@64 RAM++ with a random vocabulary (thresholds low enough to fire)."""
+    from ramplus_core import Vocabulary, create_model
+
+    torch.manual_seed(seed)
+    embeddings = torch.nn.functional.normalize(torch.randn(num_tags, 3, 512), dim=-1)
+    vocab = Vocabulary.from_embeddings(
+        [f"tag{i}" for i in range(num_tags)], embeddings, thresholds=0.3, name=name, version=version
+    )
+    return create_model("tiny@64", vocabulary=vocab, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Our own checkpoint format: what `ramplus serve` loads in tests."""
+    from ramplus_core import save_pretrained
+
+    return save_pretrained(make_tiny_model(), tmp_path_factory.mktemp("model") / "tiny")

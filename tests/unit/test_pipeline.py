@@ -1,0 +1,185 @@
+"""The stream pipeline, embedded: a local source, in-memory sinks, the real tiny model."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import jpeg_bytes, make_tiny_model, random_images
+from ramplus_core import preprocess, select_tags
+from workers.engine import TaggingEngine
+from workers.errors import ErrorKind, InputError
+from workers.local_io import LocalSource, MemoryDeadLetters, MemorySink
+from workers.pipeline import StreamPipeline
+from workers.schemas import DeadLetter, SourceRef, TagRequest
+
+
+class DictFetcher:
+    """URIs -> bytes from a dict; a missing URI is NOT_FOUND, like the real fetchers."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def fetch(self, uri: str) -> bytes:
+        if uri not in self.objects:
+            raise InputError(ErrorKind.NOT_FOUND, f"{uri}: no such object")
+        return self.objects[uri]
+
+
+def run_pipeline(items, objects, *, fast=True, batch_size=4, max_in_flight=64, sink=None, dead=None, **kw):
+    source = LocalSource(items, max_poll_records=8)
+    sink = sink or MemorySink()
+    dead = dead or MemoryDeadLetters()
+    engine = TaggingEngine(make_tiny_model(), device="cpu", fast=fast)
+    pipeline = StreamPipeline(
+        source, sink, dead, engine, DictFetcher(objects), worker="test", batch_size=batch_size,
+        max_batch_wait_s=0.01, max_in_flight=max_in_flight, fetch_concurrency=3, **kw,
+    )
+    pipeline.run(threading.Event(), until_idle=lambda: source.exhausted)
+    return source, sink, dead, pipeline
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(10, seed=3)
+
+
+def test_every_request_is_tagged_once_and_offsets_reach_the_end(images):
+    objects = {f"s3://b/{i}.jpg": jpeg_bytes(im) for i, im in enumerate(images)}
+    requests = [TagRequest(id=f"id{i}", uri=uri, meta={"n": i}) for i, uri in enumerate(objects)]
+    source, sink, dead, _ = run_pipeline(requests, objects)
+    ids = [r.id for r in sink.results]
+    assert sorted(ids) == sorted(r.id for r in requests)
+    assert not dead.letters
+    assert source.committed == {("local", 0): len(requests)}
+    for result in sink.results:
+        assert result.meta == {"n": int(result.id[2:])}
+        assert result.source.offset == int(result.id[2:])
+        assert result.vocab == "tiny-vocab@1" and result.model == "tiny@64"
+    # each write holds one partition's results in offset order
+    for _, rows in sink.writes:
+        offsets = [r.source.offset for r in rows]
+        assert offsets == sorted(offsets)
+
+
+def test_results_match_the_model_run_offline_on_the_exact_path(images):
+    objects = {f"s3://b/{i}.jpg": jpeg_bytes(im) for i, im in enumerate(images)}
+    requests = [TagRequest(id=f"id{i}", uri=uri) for i, uri in enumerate(objects)]
+    _, sink, _, _ = run_pipeline(requests, objects, fast=False)
+    from ramplus_core import load_image
+
+    model = make_tiny_model()
+    decoded = [load_image(objects[r.uri]) for r in requests]
+    expected = select_tags(model.tag_logits(preprocess(decoded, 64)), model.vocabulary, all_scores=True)
+    by_id = {r.id: r for r in sink.results}
+    for request, exp in zip(requests, expected):
+        got = by_id[request.id]
+        assert [t.tag for t in got.tags] == exp.names
+        for t in got.tags:
+            assert t.score == pytest.approx(exp.scores[t.tag], abs=1e-5)
+
+
+def test_bad_requests_go_to_dead_letters_with_their_kind_and_are_committed(images):
+    good = jpeg_bytes(images[0])
+    objects = {"s3://b/good.jpg": good, "s3://b/corrupt.jpg": good[: len(good) // 2], "s3://b/text.jpg": b"hello, not an image"}
+    items = [
+        TagRequest(id="good", uri="s3://b/good.jpg"),
+        b"{not json",
+        b"\xff\xfe\x00",
+        b'["a list"]',
+        b'{"id": "noscheme", "uri": "ftp://x/y.jpg"}',
+        b'{"uri": "s3://b/good.jpg"}',
+        None,
+        TagRequest(id="missing", uri="s3://b/missing.jpg"),
+        TagRequest(id="corrupt", uri="s3://b/corrupt.jpg"),
+        TagRequest(id="text", uri="s3://b/text.jpg"),
+    ]
+    source, sink, dead, _ = run_pipeline(items, objects)
+    assert [r.id for r in sink.results] == ["good"]
+    by_offset = {d.source.offset: d for d in dead.letters}
+    assert {o: d.error.kind for o, d in by_offset.items()} == {
+        1: ErrorKind.MALFORMED, 2: ErrorKind.MALFORMED, 3: ErrorKind.MALFORMED, 4: ErrorKind.VALIDATION,
+        5: ErrorKind.VALIDATION, 6: ErrorKind.MALFORMED, 7: ErrorKind.NOT_FOUND, 8: ErrorKind.DECODE,
+        9: ErrorKind.NOT_IMAGE,
+    }
+    assert by_offset[2].encoding == "base64" and by_offset[2].original_bytes() == b"\xff\xfe\x00"
+    assert by_offset[1].original_bytes() == b"{not json"
+    assert by_offset[7].id == "missing" and "missing.jpg" in by_offset[7].error.message
+    assert source.committed == {("local", 0): len(items)}
+
+
+def test_a_failing_sink_is_retried_and_nothing_is_committed_past_it(images):
+    objects = {f"s3://b/{i}.jpg": jpeg_bytes(im) for i, im in enumerate(images[:4])}
+    requests = [TagRequest(id=f"id{i}", uri=uri) for i, uri in enumerate(objects)]
+
+    class FlakySink(MemorySink):
+        failures = 3
+
+        def write(self, tp, results):
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("S3 is away")
+            super().write(tp, results)
+
+    source, sink, _, pipeline = run_pipeline(requests, objects, sink=FlakySink(), retry_wait_s=0.01)
+    assert sorted(r.id for r in sink.results) == sorted(r.id for r in requests)
+    assert source.committed == {("local", 0): 4}
+    assert pipeline.metrics.errors.labels(stage="write")._value.get() == 3
+
+
+def test_a_sink_that_never_recovers_leaves_offsets_uncommitted(images):
+    objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
+
+    class DeadSink(MemorySink):
+        def write(self, tp, results):
+            raise ConnectionError("S3 is gone")
+
+    source = LocalSource([TagRequest(id="a", uri="s3://b/0.jpg")])
+    pipeline = StreamPipeline(
+        source, DeadSink(), MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher(objects),
+        worker="test", max_batch_wait_s=0.0, drain_timeout_s=0.5, retry_wait_s=0.01,
+    )
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    pipeline.run(stop)
+    assert source.committed == {}
+
+
+def test_memory_is_bounded_by_pausing_the_source(images):
+    objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
+    requests = [TagRequest(id=f"id{i}", uri="s3://b/0.jpg") for i in range(40)]
+    source, sink, _, _ = run_pipeline(requests, objects, max_in_flight=8)
+    assert len(sink.results) == 40
+    assert source.pause_count >= 1
+
+
+def test_dead_letter_round_trips_the_original_payload():
+    source = SourceRef(topic="t", partition=0, offset=1)
+    letter = DeadLetter.build(b"\x00\x01binary", InputError(ErrorKind.MALFORMED, "x"), source, "w")
+    again = DeadLetter.model_validate_json(letter.model_dump_json())
+    assert again.original_bytes() == b"\x00\x01binary"
+    assert again.error.kind is ErrorKind.MALFORMED
+
+
+def test_engine_refuses_a_model_without_vocabulary():
+    from ramplus_core import create_model
+
+    with pytest.raises(ValueError, match="no vocabulary"):
+        TaggingEngine(create_model("tiny@64", seed=0), device="cpu")
+
+
+def test_fast_path_scores_stay_close_to_the_exact_path(images):
+    objects = {f"s3://b/{i}.jpg": jpeg_bytes(im) for i, im in enumerate(images)}
+    requests = [TagRequest(id=f"id{i}", uri=uri) for i, uri in enumerate(objects)]
+    engine_fast = TaggingEngine(make_tiny_model(), device="cpu", fast=True, threshold=0.0)
+    engine_exact = TaggingEngine(make_tiny_model(), device="cpu", fast=False, threshold=0.0)
+    for r in requests:
+        fast = engine_fast.infer([engine_fast.decode(objects[r.uri], r.uri)])[0]
+        exact = engine_exact.infer([engine_exact.decode(objects[r.uri], r.uri)])[0]
+        f = {t.tag: t.score for t in fast.tags}
+        e = {t.tag: t.score for t in exact.tags}
+        assert f.keys() == e.keys()
+        assert max(abs(f[k] - e[k]) for k in f) < 0.05
+    assert torch.is_tensor(engine_fast.decode(objects[requests[0].uri], "x"))

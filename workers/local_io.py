@@ -1,0 +1,112 @@
+"""The pipeline without servers: requests from a list, results and dead letters kept in memory or files.
+
+For `ramplus tag`-style local runs and unit tests. Same pipeline, same messages, same commit rules.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from workers.records import Record, TopicPartition
+from workers.schemas import DeadLetter, TagRequest, TagResult
+
+
+class LocalSource:
+    """Requests (or raw payload bytes, to test malformed ones) as one partition of topic `local`."""
+
+    def __init__(self, items: Iterable[TagRequest | bytes | None], *, topic: str = "local", max_poll_records: int = 64) -> None:
+        self.topic = topic
+        self._records = [
+            Record(topic, 0, offset, item.model_dump_json(exclude_none=True).encode() if isinstance(item, TagRequest) else item)
+            for offset, item in enumerate(items)
+        ]
+        self._position = 0
+        self.max_poll_records = max_poll_records
+        self.committed: dict[TopicPartition, int] = {}
+        self.paused = False
+        self.pause_count = 0
+        self._lock = threading.Lock()
+
+    def poll(self, timeout_s: float) -> list[Record]:
+        if self.paused or self._position >= len(self._records):
+            threading.Event().wait(min(timeout_s, 0.01))
+            return []
+        batch = self._records[self._position : self._position + self.max_poll_records]
+        self._position += len(batch)
+        return batch
+
+    @property
+    def exhausted(self) -> bool:
+        return self._position >= len(self._records)
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        with self._lock:
+            self.committed.update(offsets)
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused = True
+        self.pause_count += 1
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.paused = False
+
+    def assignment(self) -> list[TopicPartition]:
+        return [(self.topic, 0)]
+
+    def close(self) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+class MemorySink:
+    """Results by partition, in write calls; `results` flattens them."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[TopicPartition, list[TagResult]]] = []
+        self._lock = threading.Lock()
+
+    def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
+        with self._lock:
+            self.writes.append((tp, list(results)))
+
+    @property
+    def results(self) -> list[TagResult]:
+        return [r for _, rs in self.writes for r in rs]
+
+
+class JsonLinesDirSink:
+    """One JSON-lines file per write, named like the S3 objects (a rewrite replaces the same file)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
+        topic, partition = tp
+        first, last = results[0].source.offset, results[-1].source.offset
+        path = self.directory / f"{topic}-{partition:05d}-{first:020d}-{last:020d}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(r.model_dump_json() + "\n" for r in results))
+        tmp.replace(path)
+
+
+class MemoryDeadLetters:
+    def __init__(self) -> None:
+        self.letters: list[DeadLetter] = []
+        self._lock = threading.Lock()
+
+    def send(self, letter: DeadLetter, key: bytes | None) -> None:
+        with self._lock:
+            self.letters.append(letter)
+
+    def kinds(self) -> dict[str | None, str]:
+        return {letter.id: letter.error.kind.value for letter in self.letters}
+
+
+def read_json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

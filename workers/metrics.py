@@ -1,0 +1,56 @@
+"""Prometheus metrics: each replica keeps its own registry; the fleet serves them all on one endpoint.
+
+Replicas are separate processes (Ray actors, possibly on other nodes), so the fleet driver pulls each
+replica's exposition text and re-serves it with a `replica` label (`FleetCollector`): one scrape target,
+and a restarted replica simply shows a counter reset, which Prometheus handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ReplicaMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.images = Counter("ramplus_images_tagged", "Images tagged and written", registry=r)
+        self.dead_letters = Counter("ramplus_dead_letters", "Requests sent to the dead-letter topic", ["kind"], registry=r)
+        self.errors = Counter("ramplus_errors", "Failed attempts (retried) by stage", ["stage"], registry=r)
+        self.batch_size = Histogram("ramplus_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("ramplus_batch_seconds", "Forward pass time per batch", registry=r)
+        self.latency = Histogram(
+            "ramplus_end_to_end_seconds", "From the record's timestamp to its result in S3", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("ramplus_in_flight", "Records polled and not yet committable", registry=r)
+        self.lag = Gauge("ramplus_partition_lag", "Records behind the end of the partition", ["topic", "partition"], registry=r)
+        self.vocab_switches = Counter("ramplus_vocab_switches", "Vocabulary versions switched to", registry=r)
+        self.vocab_refused = Counter("ramplus_vocab_refused", "Vocabulary versions refused", ["reason"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class FleetCollector:
+    """A prometheus_client collector that re-serves replicas' metrics with a `replica` label."""
+
+    def __init__(self, scrape: Callable[[], dict[str, bytes]]) -> None:
+        self._scrape = scrape  # replica name -> exposition text
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for replica, text in self._scrape().items():
+            for family in text_string_to_metric_families(text.decode("utf-8")):
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                for s in family.samples:
+                    out.add_sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp, s.exemplar)
+        return list(merged.values())

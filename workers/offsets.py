@@ -1,0 +1,59 @@
+"""Which offsets are safe to commit: everything below the first record that is not finished yet.
+
+Records finish out of order (fetches race, dead letters skip the model), but a Kafka commit says
+"everything before N is done". So per partition we keep the polled offsets in order and commit up to the
+first unfinished one. Used only from the polling thread (kafka-python's consumer is not thread-safe).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from workers.records import TopicPartition
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._pending: dict[TopicPartition, deque[int]] = {}
+        self._done: dict[TopicPartition, set[int]] = {}
+        self._next: dict[TopicPartition, int] = {}  # the offset to commit: all below it are finished
+        self._committed: dict[TopicPartition, int] = {}
+
+    def add(self, tp: TopicPartition, offset: int) -> None:
+        pending = self._pending.setdefault(tp, deque())
+        if pending and offset <= pending[-1]:
+            raise ValueError(f"{tp}: offset {offset} polled after {pending[-1]} (seek without forget?)")
+        pending.append(offset)
+        self._done.setdefault(tp, set())
+
+    def done(self, tp: TopicPartition, offset: int) -> None:
+        if tp not in self._pending:
+            return  # the partition was revoked or lost meanwhile: its new owner redoes it
+        self._done[tp].add(offset)
+        pending, done = self._pending[tp], self._done[tp]
+        while pending and pending[0] in done:
+            finished = pending.popleft()
+            done.discard(finished)
+            self._next[tp] = finished + 1
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Offsets that advanced since the last `mark_committed`."""
+        return {tp: n for tp, n in self._next.items() if self._committed.get(tp) != n}
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self._committed.update(offsets)
+
+    def in_flight(self, tp: TopicPartition | None = None) -> int:
+        """Polled but not yet committable (the memory the pipeline holds for them)."""
+        if tp is not None:
+            return len(self._pending.get(tp, ()))
+        return sum(len(p) for p in self._pending.values())
+
+    def partitions(self) -> list[TopicPartition]:
+        return list(self._pending)
+
+    def forget(self, tps: list[TopicPartition] | None = None) -> None:
+        """Drop partitions we no longer own (revoked, lost) or that were seeked."""
+        for tp in list(self._pending) if tps is None else tps:
+            for table in (self._pending, self._done, self._next, self._committed):
+                table.pop(tp, None)

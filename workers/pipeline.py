@@ -1,0 +1,336 @@
+"""The stream pipeline: poll -> fetch + decode (threads) -> micro-batch -> model -> write -> commit.
+
+One pipeline per replica. Four kinds of thread, so that no stage waits on another:
+
+- the polling thread (the caller of `run`) owns the source: it polls, pauses and resumes partitions to
+  bound memory, and commits. It keeps polling while the model works, so a long batch never gets the
+  replica evicted from its consumer group (kafka-python's consumer is not thread-safe: only this thread
+  touches it);
+- `fetch_concurrency` worker threads parse, fetch and decode; a request that can never succeed goes to
+  the dead-letter sink from here;
+- one inference thread forms batches (up to `batch_size`, waiting at most `max_batch_wait_s` for a
+  partial one) and runs the model;
+- one writer thread writes each batch's results (one object per partition) and reports them done.
+
+A record's offset is committed only after its result was written or its dead letter acknowledged, and
+only once every record before it in its partition is done too (`OffsetTracker`). Nothing is lost: a
+crash replays from the last commit, and the sink makes a replay overwrite rather than duplicate.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+import torch
+
+from ramplus_core.tagging import ImageTags
+from workers.errors import ErrorKind, InputError
+from workers.metrics import ReplicaMetrics
+from workers.offsets import OffsetTracker
+from workers.records import Record, TopicPartition
+from workers.schemas import DeadLetter, TagRequest, TagResult
+
+log = structlog.get_logger("ramplus.pipeline")
+
+
+class Source(Protocol):
+    def poll(self, timeout_s: float) -> list[Record]: ...
+    def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+    def pause(self, tps: list[TopicPartition]) -> None: ...
+    def resume(self, tps: list[TopicPartition]) -> None: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def close(self) -> None: ...
+
+
+class ResultSink(Protocol):
+    def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
+        """Durable when it returns; the same records written again overwrite, never duplicate."""
+
+
+class DeadLetterSink(Protocol):
+    def send(self, letter: DeadLetter, key: bytes | None) -> None:
+        """Acknowledged when it returns."""
+
+
+class Fetcher(Protocol):
+    def fetch(self, uri: str) -> bytes: ...
+
+
+class Engine(Protocol):
+    model_id: str
+
+    def decode(self, data: bytes, name: str) -> torch.Tensor: ...
+    def infer(self, pixels: list[torch.Tensor]) -> list[ImageTags]: ...
+
+
+@dataclass(slots=True)
+class Prepared:
+    record: Record
+    request: TagRequest
+    pixels: torch.Tensor
+    polled_at: float
+
+
+class PipelineStopped(Exception):
+    """Raised inside a retry loop when the pipeline stops before the write succeeded."""
+
+
+class StreamPipeline:
+    def __init__(
+        self,
+        source: Source,
+        sink: ResultSink,
+        dead_letters: DeadLetterSink,
+        engine: Engine,
+        fetcher: Fetcher,
+        *,
+        worker: str,
+        batch_size: int = 16,
+        max_batch_wait_s: float = 0.05,
+        max_in_flight: int = 256,
+        fetch_concurrency: int = 8,
+        drain_timeout_s: float = 60.0,
+        retry_wait_s: float = 0.5,
+        metrics: ReplicaMetrics | None = None,
+        vocab_ok: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.source, self.sink, self.dead_letters = source, sink, dead_letters
+        self.engine, self.fetcher = engine, fetcher
+        self.worker = worker
+        self.batch_size, self.max_batch_wait_s = batch_size, max_batch_wait_s
+        self.max_in_flight = max_in_flight
+        self.drain_timeout_s, self.retry_wait_s = drain_timeout_s, retry_wait_s
+        self.metrics = metrics or ReplicaMetrics()
+        self.vocab_ok = vocab_ok or (lambda ref: True)
+        self.tracker = OffsetTracker()
+        self._pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="ramplus-fetch")
+        self._ready: queue.Queue[Prepared] = queue.Queue()
+        self._to_write: queue.Queue[list[tuple[Prepared, ImageTags]] | None] = queue.Queue(maxsize=4)
+        self._finished: queue.SimpleQueue[tuple[TopicPartition, int]] = queue.SimpleQueue()
+        self._stopping = threading.Event()  # no more retries of writes: give up and leave offsets uncommitted
+        self._flush = threading.Event()  # draining: do not wait for partial batches
+        self._paused = False
+        self._fatal: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        self.stats = {"polled": 0, "tagged": 0, "dead_letters": 0, "commits": 0, "batches": 0}
+
+    # -- the polling thread -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, *, until_idle: Callable[[], bool] | None = None, poll_timeout_s: float = 0.1) -> None:
+        """Until `stop` is set (or `until_idle()` says the source is exhausted and all is done); then drain."""
+        self._start_threads()
+        try:
+            while not stop.is_set():
+                if self._fatal is not None:
+                    raise RuntimeError(f"pipeline thread failed: {self._fatal!r}") from self._fatal
+                self._take_finished()
+                self._commit()
+                self._flow_control()
+                for record in self.source.poll(poll_timeout_s):
+                    self._admit(record)
+                if until_idle is not None and until_idle() and self.tracker.in_flight() == 0:
+                    break
+            self.drain()
+        finally:
+            self._stop_threads()
+
+    def _admit(self, record: Record) -> None:
+        self.tracker.add(record.tp, record.offset)
+        self.stats["polled"] += 1
+        self._pool.submit(self._prepare, record, time.monotonic())
+
+    def _take_finished(self) -> int:
+        n = 0
+        while True:
+            try:
+                tp, offset = self._finished.get_nowait()
+            except queue.Empty:
+                return n
+            self.tracker.done(tp, offset)
+            n += 1
+
+    def _commit(self) -> bool:
+        offsets = self.tracker.committable()
+        if not offsets:
+            return True
+        try:
+            self.source.commit(offsets)
+        except Exception as exc:  # the broker is away or we were evicted: keep the offsets, try again later
+            self.metrics.errors.labels(stage="commit").inc()
+            log.warning("commit.failed", error=f"{type(exc).__name__}: {exc}", partitions=len(offsets))
+            return False
+        self.tracker.mark_committed(offsets)
+        self.stats["commits"] += 1
+        return True
+
+    def _flow_control(self) -> None:
+        in_flight = self.tracker.in_flight()
+        self.metrics.in_flight.set(in_flight)
+        if not self._paused and in_flight >= self.max_in_flight:
+            self.source.pause(self.source.assignment())
+            self._paused = True
+            log.debug("partitions.paused", in_flight=in_flight)
+        elif self._paused and in_flight <= self.max_in_flight // 2:
+            self.source.resume(self.source.assignment())
+            self._paused = False
+            log.debug("partitions.resumed", in_flight=in_flight)
+
+    def drain(self, tps: Iterable[TopicPartition] | None = None, *, commit: bool = True) -> bool:
+        """Finish everything polled (for `tps`, or all), then commit. False if it timed out.
+
+        Called on shutdown and from the rebalance callbacks (on the polling thread, inside `poll`).
+        """
+        wanted = list(tps) if tps is not None else None
+        deadline = time.monotonic() + self.drain_timeout_s
+        self._flush.set()
+        try:
+            while True:
+                self._take_finished()
+                left = sum(self.tracker.in_flight(tp) for tp in (wanted if wanted is not None else self.tracker.partitions()))
+                if left == 0:
+                    break
+                if self._fatal is not None or time.monotonic() > deadline:
+                    log.warning("drain.timeout", left=left, timeout_s=self.drain_timeout_s)
+                    return False
+                time.sleep(0.005)
+        finally:
+            self._flush.clear()
+        return self._commit() if commit else True
+
+    def forget(self, tps: list[TopicPartition]) -> None:
+        self.tracker.forget(tps)
+
+    # -- fetch + decode threads ---------------------------------------------------------------------------
+
+    def _prepare(self, record: Record, polled_at: float) -> None:
+        request: TagRequest | None = None
+        try:
+            request = TagRequest.parse(record.value)
+            if request.vocab is not None and not self.vocab_ok(request.vocab):
+                raise InputError(ErrorKind.VALIDATION, f"unknown vocabulary {request.vocab!r}")
+            data = self.fetcher.fetch(request.uri)
+            pixels = self.engine.decode(data, request.uri)
+        except InputError as exc:
+            self._dead_letter(record, exc, request)
+            return
+        except Exception as exc:  # a bug of ours, not the request's: say so in the dead letter
+            log.exception("prepare.internal_error", offset=record.offset, partition=record.partition)
+            self._dead_letter(record, InputError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), request)
+            return
+        self._ready.put(Prepared(record, request, pixels, polled_at))
+
+    def _dead_letter(self, record: Record, error: InputError, request: TagRequest | None) -> None:
+        letter = DeadLetter.build(record.value, error, record.source, self.worker, request.id if request else None)
+        try:
+            self._retry_until_stopped("dead_letter", lambda: self.dead_letters.send(letter, record.key))
+        except PipelineStopped:
+            return  # not acknowledged: stays uncommitted and is redone after restart
+        self.metrics.dead_letters.labels(kind=error.kind.value).inc()
+        self.stats["dead_letters"] += 1
+        log.info("dead_letter", kind=error.kind.value, reason=str(error), partition=record.partition, offset=record.offset)
+        self._finished.put((record.tp, record.offset))
+
+    def _retry_until_stopped(self, stage: str, action: Callable[[], None]) -> None:
+        """Writes are retried until they succeed: their records must not be committed without them."""
+        wait = self.retry_wait_s
+        while True:
+            try:
+                action()
+                return
+            except Exception as exc:
+                self.metrics.errors.labels(stage=stage).inc()
+                log.warning(f"{stage}.retry", error=f"{type(exc).__name__}: {exc}", wait_s=wait)
+            if self._stopping.wait(wait):
+                raise PipelineStopped(stage)
+            wait = min(wait * 2, 10.0)
+
+    # -- inference thread ---------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[Prepared] | None:
+        try:
+            first = self._ready.get(timeout=0.1)
+        except queue.Empty:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.max_batch_wait_s
+        while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0 or self._flush.is_set():
+                    batch.append(self._ready.get_nowait())
+                else:
+                    batch.append(self._ready.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _infer_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                batch = self._next_batch()
+                if batch is None:
+                    continue
+                started = time.monotonic()
+                tags = self.engine.infer([p.pixels for p in batch])
+                self.metrics.batch_size.observe(len(batch))
+                self.metrics.batch_seconds.observe(time.monotonic() - started)
+                self.stats["batches"] += 1
+                self._to_write.put(list(zip(batch, tags)))
+        except BaseException as exc:  # a model failure (e.g. CUDA OOM) is fatal: Ray restarts the replica
+            log.exception("inference.failed")
+            self._fatal = exc
+        finally:
+            self._to_write.put(None)
+
+    # -- writer thread ------------------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._to_write.get()
+            if item is None:
+                return
+            by_partition: dict[TopicPartition, list[tuple[Prepared, TagResult]]] = {}
+            for prepared, tags in item:
+                record, request = prepared.record, prepared.request
+                result = TagResult(
+                    id=request.id, uri=request.uri, tags=tags.tags, vocab=tags.vocab, model=self.engine.model_id,
+                    worker=self.worker, source=record.source, meta=request.meta,
+                )
+                by_partition.setdefault(record.tp, []).append((prepared, result))
+            for tp, rows in by_partition.items():
+                rows.sort(key=lambda r: r[0].record.offset)
+                try:
+                    self._retry_until_stopped("write", lambda: self.sink.write(tp, [r for _, r in rows]))
+                except PipelineStopped:
+                    continue
+                now_wall, now = time.time(), time.monotonic()
+                for prepared, _ in rows:
+                    ts = prepared.record.timestamp_ms
+                    # End to end: from the producer's timestamp when there is one, else from our poll.
+                    self.metrics.latency.observe(now_wall - ts / 1000 if ts else now - prepared.polled_at)
+                    self._finished.put((tp, prepared.record.offset))
+                self.metrics.images.inc(len(rows))
+                self.stats["tagged"] += len(rows)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def _start_threads(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._infer_loop, name="ramplus-infer", daemon=True),
+            threading.Thread(target=self._write_loop, name="ramplus-write", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _stop_threads(self) -> None:
+        self._stopping.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for t in self._threads:
+            t.join(timeout=30)

@@ -1,0 +1,141 @@
+"""The fleet's settings: environment variables `RAMPLUS_<SECTION>__<FIELD>`, or a TOML/JSON config file.
+
+Precedence, highest first: values passed in code, environment variables, the config file named by
+`RAMPLUS_CONFIG` (or `Settings.load(path)`), the defaults below. Every default is safe: no URI is
+fetchable until an allowlist names it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = Field("127.0.0.1:19092", description="host:port[,host:port...]")
+    topic: str = Field("ramplus.requests", description="Input topic of tag requests")
+    group_id: str = Field("ramplus-fleet", description="Consumer group shared by all replicas")
+    dead_letter_topic: str = Field("ramplus.requests.dlq", description="Where unusable requests go, with their reason")
+    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="Where a new group starts")
+    session_timeout_ms: int = Field(45_000, ge=6_000, description="Group session timeout (liveness)")
+    max_poll_interval_ms: int = Field(300_000, ge=10_000, description="Max time between polls before eviction")
+    max_poll_records: int = Field(256, ge=1, description="Records per poll")
+    client_options: dict[str, Any] = Field(default_factory=dict, description="Extra kafka-python options (security, ...)")
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = Field(None, description="S3 endpoint; None = AWS")
+    region: str = Field("us-east-1", description="Region for signing")
+    bucket: str = Field("ramplus-results", description="Bucket for result objects")
+    prefix: str = Field("results/", description="Key prefix of result objects")
+    create_bucket: bool = Field(False, description="Create the result bucket if it does not exist")
+    # Credentials come from the usual AWS chain (AWS_ACCESS_KEY_ID, profiles, instance roles): never from here.
+
+
+class RedisSettings(BaseModel):
+    url: str = Field("redis://127.0.0.1:16379/0", description="Vocabulary store")
+
+
+class FetchSettings(BaseModel):
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest image file accepted")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest image canvas (width x height) accepted")
+    timeout_s: float = Field(10.0, gt=0, description="Connect/read timeout per fetch")
+    attempts: int = Field(3, ge=1, description="Tries for transient fetch failures before dead-lettering")
+    concurrency: int = Field(8, ge=1, description="Fetch + decode threads per replica")
+    s3_buckets: list[str] = Field(default_factory=list, description="Readable buckets (glob patterns; '*' = any)")
+    http_hosts: list[str] = Field(default_factory=list, description="Fetchable hosts (glob patterns like '*.example.com')")
+    allow_plain_http: bool = Field(False, description="Also allow http:// for allowlisted hosts")
+    file_roots: list[Path] = Field(default_factory=list, description="Folders file:// URIs may read from")
+
+    def bucket_allowed(self, bucket: str) -> bool:
+        return any(fnmatch.fnmatchcase(bucket, pattern) for pattern in self.s3_buckets)
+
+    def host_allowed(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.http_hosts)
+
+
+class ModelSettings(BaseModel):
+    checkpoint: Path | None = Field(None, description="Official .pth or our model directory")
+    variant: str | None = Field(None, description="swin_l or swin_b; inferred when omitted")
+    image_size: int | None = Field(None, description="224 or 384; inferred when omitted")
+    vocabulary: Path | None = Field(None, description="Vocabulary file; default: the checkpoint's own")
+    tag_list: Path | None = Field(None, description="Official tag list for an official checkpoint")
+    thresholds: Path | None = Field(None, description="Official thresholds for an official checkpoint")
+    trust_checkpoint: bool = Field(False, description="Allow full unpickling of a checkpoint you trust")
+    device: str = Field("auto", description="auto (cuda when a GPU is assigned), cpu, cuda")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights dtype; bf16 on GPUs")
+    fast_preprocess: bool = Field(True, description="Batched resize (see README 'Preprocessing')")
+
+
+class FleetSettings(BaseModel):
+    replicas: int = Field(1, ge=1, description="Replica actors (Kafka group members)")
+    gpus_per_replica: float = Field(0.0, ge=0, description="0 on machines without a GPU")
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    batch_size: int = Field(16, ge=1, description="Images per forward pass")
+    max_batch_wait_s: float = Field(0.05, ge=0, description="Longest a partial batch waits for more images")
+    max_in_flight: int = Field(256, ge=1, description="Uncommitted records per replica before partitions pause")
+    metrics_port: int = Field(9464, ge=0, description="Prometheus endpoint of `ramplus serve` (0 = off)")
+    ray_address: str | None = Field(None, description="Join this Ray cluster; None = start a local one")
+    drain_timeout_s: float = Field(60.0, gt=0, description="How long a stopping replica may take to drain")
+
+
+class Settings(BaseSettings):
+    """Everything `ramplus serve` and `ramplus produce` need."""
+
+    model_config = SettingsConfigDict(env_prefix="RAMPLUS_", env_nested_delimiter="__", extra="ignore")
+    config_file: ClassVar[Path | None] = None
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
+
+    @field_validator("fetch")
+    @classmethod
+    def _roots_absolute(cls, fetch: FetchSettings) -> FetchSettings:
+        fetch.file_roots = [p.expanduser().resolve() for p in fetch.file_roots]
+        return fetch
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = cls.config_file or (Path(os.environ["RAMPLUS_CONFIG"]) if os.environ.get("RAMPLUS_CONFIG") else None)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist (RAMPLUS_CONFIG or --config)")
+            if path.suffix == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment and an optional TOML/JSON file (which env variables override)."""
+        previous = cls.config_file
+        cls.config_file = config
+        try:
+            return cls(**overrides)
+        finally:
+            cls.config_file = previous
