@@ -118,6 +118,92 @@ def tag(
         raise typer.Exit(1)
 
 
+def _settings(config: Optional[Path], **overrides: object):
+    from pydantic import ValidationError
+
+    from workers.settings import Settings
+
+    try:
+        settings = Settings.load(config)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        _fail(f"bad settings: {exc}")
+    for dotted, value in overrides.items():
+        if value is not None:
+            section, field = dotted.split("__")
+            setattr(getattr(settings, section), field, value)
+    return settings
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_CONFIG", help="TOML or JSON settings file.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(min=1, help="Replica actors (default from settings).")] = None,
+    gpus_per_replica: Annotated[Optional[float], typer.Option(min=0.0)] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
+    create_topics: Annotated[bool, typer.Option(help="Create the request and dead-letter topics if missing.")] = True,
+) -> None:
+    """Run the streaming fleet: Kafka -> RAM++ replicas on Ray -> S3, until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    configure_logging()
+    settings = _settings(config, fleet__replicas=replicas, fleet__gpus_per_replica=gpus_per_replica, fleet__ray_address=ray_address)
+    if settings.model.checkpoint is None:
+        from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
+
+        _fail(f"no checkpoint configured (RAMPLUS_MODEL__CHECKPOINT or [model] checkpoint). {OFFICIAL_WEIGHTS_HELP}")
+    from workers.fleet import Fleet, ensure_topics
+
+    if create_topics:
+        try:
+            ensure_topics(settings)
+        except Exception as exc:
+            _fail(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet = Fleet(settings)
+    try:
+        fleet.start()
+        typer.echo(f"serving {settings.kafka.topic} with {settings.fleet.replicas} replica(s); metrics on :{settings.fleet.metrics_port}", err=True)
+        fleet.serve_forever(stop)
+    finally:
+        fleet.stop()
+
+
+@app.command()
+def produce(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), s3://bucket/prefix/ or URIs.")],
+    config: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_CONFIG", help="TOML or JSON settings file.")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="Default: settings kafka.topic.")] = None,
+    vocab: Annotated[Optional[str], typer.Option(help="name or name@version for these requests.")] = None,
+    id_prefix: Annotated[str, typer.Option(help="Prefix for the ids (sha256 of the URI).")] = "",
+) -> None:
+    """Publish one tag request per image URI to the topic; prints how many."""
+    configure_logging(level="WARNING")
+    from workers.producer import iter_uris, make_producer, publish
+
+    settings = _settings(config, kafka__topic=topic)
+    s3 = None
+    if any(i.startswith("s3://") for i in inputs):
+        from workers.s3_sink import s3_client
+
+        s3 = s3_client(settings.s3)
+    try:
+        uris = list(iter_uris(inputs, s3=s3))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if not uris:
+        _fail("nothing to publish: no images in " + ", ".join(inputs))
+    try:
+        producer = make_producer(settings.kafka)
+        count = publish(producer, settings.kafka.topic, uris, vocab=vocab, id_prefix=id_prefix)
+        producer.close()
+    except Exception as exc:
+        _fail(f"publishing to {settings.kafka.bootstrap_servers} failed: {type(exc).__name__}: {exc}")
+    typer.echo(f"published {count} requests to {settings.kafka.topic}")
+
+
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
 
 

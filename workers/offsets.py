@@ -18,16 +18,21 @@ class OffsetTracker:
         self._done: dict[TopicPartition, set[int]] = {}
         self._next: dict[TopicPartition, int] = {}  # the offset to commit: all below it are finished
         self._committed: dict[TopicPartition, int] = {}
+        # Bumped when a partition is forgotten, so that a late completion from before a revocation is not
+        # mistaken for the same offset polled again after the partition came back.
+        self._epoch: dict[TopicPartition, int] = {}
 
-    def add(self, tp: TopicPartition, offset: int) -> None:
+    def add(self, tp: TopicPartition, offset: int) -> int:
+        """Track a polled offset; returns the epoch to hand back to `done`."""
         pending = self._pending.setdefault(tp, deque())
         if pending and offset <= pending[-1]:
             raise ValueError(f"{tp}: offset {offset} polled after {pending[-1]} (seek without forget?)")
         pending.append(offset)
         self._done.setdefault(tp, set())
+        return self._epoch.get(tp, 0)
 
-    def done(self, tp: TopicPartition, offset: int) -> None:
-        if tp not in self._pending:
+    def done(self, tp: TopicPartition, offset: int, epoch: int = 0) -> None:
+        if tp not in self._pending or epoch != self._epoch.get(tp, 0):
             return  # the partition was revoked or lost meanwhile: its new owner redoes it
         self._done[tp].add(offset)
         pending, done = self._pending[tp], self._done[tp]
@@ -57,3 +62,4 @@ class OffsetTracker:
         for tp in list(self._pending) if tps is None else tps:
             for table in (self._pending, self._done, self._next, self._committed):
                 table.pop(tp, None)
+            self._epoch[tp] = self._epoch.get(tp, 0) + 1

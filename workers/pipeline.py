@@ -76,6 +76,7 @@ class Prepared:
     request: TagRequest
     pixels: torch.Tensor
     polled_at: float
+    epoch: int
 
 
 class PipelineStopped(Exception):
@@ -113,7 +114,7 @@ class StreamPipeline:
         self._pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="ramplus-fetch")
         self._ready: queue.Queue[Prepared] = queue.Queue()
         self._to_write: queue.Queue[list[tuple[Prepared, ImageTags]] | None] = queue.Queue(maxsize=4)
-        self._finished: queue.SimpleQueue[tuple[TopicPartition, int]] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[tuple[TopicPartition, int, int]] = queue.SimpleQueue()
         self._stopping = threading.Event()  # no more retries of writes: give up and leave offsets uncommitted
         self._flush = threading.Event()  # draining: do not wait for partial batches
         self._paused = False
@@ -142,18 +143,18 @@ class StreamPipeline:
             self._stop_threads()
 
     def _admit(self, record: Record) -> None:
-        self.tracker.add(record.tp, record.offset)
+        epoch = self.tracker.add(record.tp, record.offset)
         self.stats["polled"] += 1
-        self._pool.submit(self._prepare, record, time.monotonic())
+        self._pool.submit(self._prepare, record, time.monotonic(), epoch)
 
     def _take_finished(self) -> int:
         n = 0
         while True:
             try:
-                tp, offset = self._finished.get_nowait()
+                tp, offset, epoch = self._finished.get_nowait()
             except queue.Empty:
                 return n
-            self.tracker.done(tp, offset)
+            self.tracker.done(tp, offset, epoch)
             n += 1
 
     def _commit(self) -> bool:
@@ -209,7 +210,7 @@ class StreamPipeline:
 
     # -- fetch + decode threads ---------------------------------------------------------------------------
 
-    def _prepare(self, record: Record, polled_at: float) -> None:
+    def _prepare(self, record: Record, polled_at: float, epoch: int) -> None:
         request: TagRequest | None = None
         try:
             request = TagRequest.parse(record.value)
@@ -218,15 +219,15 @@ class StreamPipeline:
             data = self.fetcher.fetch(request.uri)
             pixels = self.engine.decode(data, request.uri)
         except InputError as exc:
-            self._dead_letter(record, exc, request)
+            self._dead_letter(record, exc, request, epoch)
             return
         except Exception as exc:  # a bug of ours, not the request's: say so in the dead letter
             log.exception("prepare.internal_error", offset=record.offset, partition=record.partition)
-            self._dead_letter(record, InputError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), request)
+            self._dead_letter(record, InputError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), request, epoch)
             return
-        self._ready.put(Prepared(record, request, pixels, polled_at))
+        self._ready.put(Prepared(record, request, pixels, polled_at, epoch))
 
-    def _dead_letter(self, record: Record, error: InputError, request: TagRequest | None) -> None:
+    def _dead_letter(self, record: Record, error: InputError, request: TagRequest | None, epoch: int) -> None:
         letter = DeadLetter.build(record.value, error, record.source, self.worker, request.id if request else None)
         try:
             self._retry_until_stopped("dead_letter", lambda: self.dead_letters.send(letter, record.key))
@@ -235,7 +236,7 @@ class StreamPipeline:
         self.metrics.dead_letters.labels(kind=error.kind.value).inc()
         self.stats["dead_letters"] += 1
         log.info("dead_letter", kind=error.kind.value, reason=str(error), partition=record.partition, offset=record.offset)
-        self._finished.put((record.tp, record.offset))
+        self._finished.put((record.tp, record.offset, epoch))
 
     def _retry_until_stopped(self, stage: str, action: Callable[[], None]) -> None:
         """Writes are retried until they succeed: their records must not be committed without them."""
@@ -315,7 +316,7 @@ class StreamPipeline:
                     ts = prepared.record.timestamp_ms
                     # End to end: from the producer's timestamp when there is one, else from our poll.
                     self.metrics.latency.observe(now_wall - ts / 1000 if ts else now - prepared.polled_at)
-                    self._finished.put((tp, prepared.record.offset))
+                    self._finished.put((tp, prepared.record.offset, prepared.epoch))
                 self.metrics.images.inc(len(rows))
                 self.stats["tagged"] += len(rows)
 

@@ -87,6 +87,7 @@ class FleetSettings(BaseModel):
     max_batch_wait_s: float = Field(0.05, ge=0, description="Longest a partial batch waits for more images")
     max_in_flight: int = Field(256, ge=1, description="Uncommitted records per replica before partitions pause")
     metrics_port: int = Field(9464, ge=0, description="Prometheus endpoint of `ramplus serve` (0 = off)")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 in a pod)")
     ray_address: str | None = Field(None, description="Join this Ray cluster; None = start a local one")
     drain_timeout_s: float = Field(60.0, gt=0, description="How long a stopping replica may take to drain")
 

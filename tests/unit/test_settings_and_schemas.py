@@ -1,0 +1,95 @@
+"""Settings from env and files; request parsing; metrics federation; producer URIs; S3 keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workers.errors import ErrorKind, InputError
+from workers.metrics import FleetCollector, ReplicaMetrics
+from workers.producer import file_uri, iter_uris, stable_id
+from workers.s3_sink import S3ResultSink
+from workers.schemas import TagRequest
+from workers.settings import S3Settings, Settings
+
+
+def test_settings_read_nested_environment_variables(monkeypatch):
+    monkeypatch.setenv("RAMPLUS_KAFKA__TOPIC", "images")
+    monkeypatch.setenv("RAMPLUS_FLEET__REPLICAS", "3")
+    monkeypatch.setenv("RAMPLUS_FETCH__HTTP_HOSTS", '["*.example.com"]')
+    s = Settings.load()
+    assert s.kafka.topic == "images" and s.fleet.replicas == 3
+    assert s.fetch.host_allowed("img.example.com") and not s.fetch.host_allowed("example.org")
+
+
+def test_a_config_file_is_read_and_the_environment_wins(tmp_path: Path, monkeypatch):
+    path = tmp_path / "ramplus.toml"
+    path.write_text('[kafka]\ntopic = "from-file"\ngroup_id = "g"\n[fleet]\nbatch_size = 7\n')
+    monkeypatch.setenv("RAMPLUS_KAFKA__TOPIC", "from-env")
+    s = Settings.load(path)
+    assert s.kafka.topic == "from-env" and s.kafka.group_id == "g" and s.fleet.batch_size == 7
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        Settings.load(tmp_path / "nope.toml")
+
+
+def test_defaults_allow_fetching_nothing():
+    s = Settings.load()
+    assert not s.fetch.bucket_allowed("any") and not s.fetch.host_allowed("example.com") and s.fetch.file_roots == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind", "words"),
+    [
+        (b"", ErrorKind.MALFORMED, "not JSON"),
+        (b"42", ErrorKind.MALFORMED, "expected an object"),
+        (b'{"id": "", "uri": "s3://b/k"}', ErrorKind.VALIDATION, "id"),
+        (b'{"id": "a", "uri": "gopher://x"}', ErrorKind.VALIDATION, "unsupported URI scheme"),
+        (b'{"id": "a"}', ErrorKind.VALIDATION, "uri"),
+        (json.dumps({"id": "x" * 600, "uri": "s3://b/k"}).encode(), ErrorKind.VALIDATION, "id"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(payload, kind, words):
+    with pytest.raises(InputError) as info:
+        TagRequest.parse(payload)
+    assert info.value.kind is kind and words in str(info.value)
+
+
+def test_requests_keep_unknown_fields_out_and_meta_in():
+    r = TagRequest.parse(b'{"id": "a", "uri": "https://h/x.jpg", "meta": {"k": 1}, "extra": true}')
+    assert r.meta == {"k": 1} and not hasattr(r, "extra")
+
+
+def test_fleet_metrics_carry_a_replica_label():
+    a, b = ReplicaMetrics(), ReplicaMetrics()
+    a.images.inc(3)
+    b.images.inc(5)
+    b.dead_letters.labels(kind="decode").inc()
+    families = {f.name: f for f in FleetCollector(lambda: {"0": a.exposition(), "1": b.exposition()}).collect()}
+    totals = {s.labels["replica"]: s.value for s in families["ramplus_images_tagged"].samples if s.name.endswith("_total")}
+    assert totals == {"0": 3.0, "1": 5.0}
+    dl = [s for s in families["ramplus_dead_letters"].samples if s.name.endswith("_total")]
+    assert [(s.labels["replica"], s.labels["kind"], s.value) for s in dl] == [("1", "decode", 1.0)]
+
+
+def test_producer_turns_folders_into_file_uris(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"1")
+    (tmp_path / "y.png").write_bytes(b"2")
+    (tmp_path / "notes.txt").write_text("no")
+    uris = list(iter_uris([str(tmp_path), "https://h/z.jpg"]))
+    assert uris == [file_uri(tmp_path / "a" / "x.jpg"), file_uri(tmp_path / "y.png"), "https://h/z.jpg"]
+    assert stable_id(uris[0]) == stable_id(uris[0]) != stable_id(uris[1])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        list(iter_uris([str(tmp_path / "missing")]))
+
+
+def test_s3_result_keys_sort_by_offset_and_parse_back():
+    sink = S3ResultSink(S3Settings(prefix="r/"), client=object())
+    k1, k2 = sink.key(("t", 3), 9, 15), sink.key(("t", 3), 16, 100)
+    assert k1 == "r/t/00003/00000000000000000009-00000000000000000015.jsonl"
+    assert k1 < k2 and sink.parse_key(k2) == (16, 100)

@@ -1,0 +1,129 @@
+"""The fleet: N replica actors on a Ray cluster, one Prometheus endpoint, a clean stop.
+
+The driver only starts, watches and stops replicas; all the work happens in the actors. Ray restarts a
+replica that crashes (`max_restarts=-1`): its constructor runs again, reloads the model and rejoins the
+consumer group, and the group rebalances; offsets not committed are redone (see workers/s3_sink.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import ray
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+
+from workers.metrics import FleetCollector
+from workers.replica import ReplicaActor
+from workers.settings import Settings
+
+log = structlog.get_logger("ramplus.fleet")
+NAMESPACE = "ramplus"
+
+
+def ensure_topics(settings: Settings, partitions: int = 4) -> None:
+    """Create the request and dead-letter topics when missing (production clusters usually pre-create them)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers.split(","), **settings.kafka.client_options)
+    try:
+        existing = set(admin.list_topics())
+        wanted = [t for t in (settings.kafka.topic, settings.kafka.dead_letter_topic) if t not in existing]
+        if wanted:
+            try:
+                admin.create_topics([NewTopic(t, partitions, 1) for t in wanted])
+            except TopicAlreadyExistsError:
+                pass
+            log.info("topics.created", topics=wanted, partitions=partitions)
+    finally:
+        admin.close()
+
+
+class Fleet:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.actors: list[Any] = []
+        self._http: Any = None
+
+    def start(self, *, ready_timeout_s: float = 300) -> None:
+        fleet = self.settings.fleet
+        if not ray.is_initialized():
+            ray.init(address=fleet.ray_address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
+        actor_cls = ray.remote(ReplicaActor).options(
+            num_cpus=fleet.cpus_per_replica,
+            num_gpus=fleet.gpus_per_replica,
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=4,  # stats/metrics/stop answer while the pipeline thread runs
+        )
+        payload = self.settings.model_dump(mode="json")
+        self.actors = [actor_cls.remote(payload, i) for i in range(fleet.replicas)]
+        ray.get([a.ready.remote() for a in self.actors], timeout=ready_timeout_s)
+        log.info("fleet.ready", replicas=fleet.replicas, gpus_per_replica=fleet.gpus_per_replica, topic=self.settings.kafka.topic)
+        if fleet.metrics_port:
+            registry = CollectorRegistry()
+            registry.register(FleetCollector(self.scrape_metrics))
+            self._http = start_http_server(fleet.metrics_port, addr=fleet.metrics_host, registry=registry)
+            log.info("fleet.metrics", port=fleet.metrics_port)
+
+    def scrape_metrics(self, timeout_s: float = 5.0) -> dict[str, bytes]:
+        refs = {str(i): a.metrics.remote() for i, a in enumerate(self.actors)}
+        out = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref, timeout=timeout_s)
+            except Exception:  # a replica restarting: it shows up again at the next scrape
+                continue
+        return out
+
+    def stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        out = []
+        for i, a in enumerate(self.actors):
+            try:
+                out.append(ray.get(a.stats.remote(), timeout=timeout_s))
+            except Exception as exc:
+                out.append({"replica": i, "alive": False, "error": type(exc).__name__})
+        return out
+
+    def pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.actors], timeout=60)
+
+    def serve_forever(self, stop: threading.Event, report_every_s: float = 30.0) -> None:
+        while not stop.wait(report_every_s):
+            stats = self.stats()
+            log.info("fleet.stats", tagged=sum(s.get("tagged", 0) for s in stats),
+                     dead_letters=sum(s.get("dead_letters", 0) for s in stats),
+                     alive=sum(1 for s in stats if s.get("alive")), replicas=len(stats))
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Drain every replica (finish, write, commit), then remove them."""
+        timeout = self.settings.fleet.drain_timeout_s + 30
+        refs = [a.stop.remote() for a in self.actors]
+        results: list[dict[str, Any]] = []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref, timeout=timeout))
+            except Exception as exc:
+                log.warning("fleet.stop_failed", error=f"{type(exc).__name__}: {exc}")
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            thread.join(timeout=5)
+            self._http = None
+        log.info("fleet.stopped", tagged=sum(r.get("tagged", 0) for r in results))
+        return results
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

@@ -1,0 +1,163 @@
+"""Kafka on both ends: the consumer-group source of requests and the dead-letter producer.
+
+kafka-python 3.0 (pinned): the consumer is used from one thread only, offsets are committed by hand,
+and the rebalance listener drains and commits before partitions move to another replica.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as KafkaTopicPartition
+
+from workers.metrics import ReplicaMetrics
+from workers.records import Record, TopicPartition
+from workers.schemas import DeadLetter
+from workers.settings import KafkaSettings
+
+log = structlog.get_logger("ramplus.kafka")
+
+
+class PartitionHooks(Protocol):
+    """What the pipeline does when partitions move (called on the polling thread, inside `poll`)."""
+
+    def drain(self, tps: list[TopicPartition] | None = None, *, commit: bool = True) -> bool: ...
+    def forget(self, tps: list[TopicPartition]) -> None: ...
+
+
+def _tp(tp: TopicPartition) -> KafkaTopicPartition:
+    return KafkaTopicPartition(tp[0], tp[1])
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.source._revoked([(tp.topic, tp.partition) for tp in revoked], commit=True)
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self.source._revoked([(tp.topic, tp.partition) for tp in lost], commit=False)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
+
+
+class KafkaSource:
+    """A consumer-group member over one topic. `hooks` and `on_assigned` are set by whoever runs it."""
+
+    def __init__(self, settings: KafkaSettings, *, client_id: str, metrics: ReplicaMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.hooks: PartitionHooks | None = None
+        # Before a partition is consumed: clean up results written past its committed offset (S3 sink).
+        self.on_assigned: Callable[[TopicPartition, int], None] | None = None
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            group_id=settings.group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=settings.auto_offset_reset,
+            max_poll_records=settings.max_poll_records,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 5),
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+            **settings.client_options,
+        )
+        self.consumer.subscribe(topics=[settings.topic], listener=_Listener(self))
+        self._last_lag = 0.0
+
+    # -- the Source protocol ------------------------------------------------------------------------------
+
+    def poll(self, timeout_s: float) -> list[Record]:
+        batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        records = [
+            Record(m.topic, m.partition, m.offset, m.value, m.key, m.timestamp if m.timestamp and m.timestamp > 0 else None)
+            for tp in sorted(batches, key=lambda t: (t.topic, t.partition))
+            for m in batches[tp]
+        ]
+        if self.metrics is not None and time.monotonic() - self._last_lag > 5:
+            self._update_lag()
+        return records
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.consumer.commit({_tp(tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.consumer.pause(*[_tp(tp) for tp in tps])
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.consumer.resume(*[_tp(tp) for tp in tps])
+
+    def assignment(self) -> list[TopicPartition]:
+        return [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+    # -- rebalances ---------------------------------------------------------------------------------------
+
+    def _revoked(self, tps: list[TopicPartition], *, commit: bool) -> None:
+        if not tps or self.hooks is None:
+            return
+        drained = self.hooks.drain(tps, commit=commit)
+        self.hooks.forget(tps)
+        log.info("partitions.revoked" if commit else "partitions.lost", partitions=[p for _, p in tps], drained=drained)
+
+    def _assigned(self, tps: list[TopicPartition]) -> None:
+        if not tps:
+            return
+        if self.on_assigned is not None:
+            committed = {tp: self.consumer.committed(_tp(tp)) for tp in tps}
+            missing = [_tp(tp) for tp, c in committed.items() if c is None]
+            starts = self.consumer.beginning_offsets(missing) if missing else {}
+            for tp in tps:
+                start = committed[tp] if committed[tp] is not None else starts[_tp(tp)]
+                self.on_assigned(tp, start)
+                self.consumer.seek(_tp(tp), start)  # explicit: the same offset the cleanup assumed
+        # A rebalance can come while paused; new partitions start paused too and resume with the rest.
+        log.info("partitions.assigned", partitions=[p for _, p in tps])
+
+    def _update_lag(self) -> None:
+        self._last_lag = time.monotonic()
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        try:
+            ends = self.consumer.end_offsets(assigned)
+            for tp in assigned:
+                position = self.consumer.committed(tp)
+                if position is None:
+                    continue
+                self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, ends[tp] - position))
+        except Exception as exc:  # lag is for graphs: never fail the stream over it
+            log.debug("lag.failed", error=str(exc))
+
+
+class KafkaDeadLetters:
+    """Sends a dead letter and waits for the broker's acknowledgement (acks=all)."""
+
+    def __init__(self, settings: KafkaSettings, *, client_id: str, timeout_s: float = 30.0) -> None:
+        self.topic = settings.dead_letter_topic
+        self.timeout_s = timeout_s
+        self.producer = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            client_id=client_id,
+            acks="all",
+            linger_ms=5,
+            request_timeout_ms=int(timeout_s * 1000) // 2,
+            **settings.client_options,
+        )
+
+    def send(self, letter: DeadLetter, key: bytes | None) -> None:
+        headers = [("ramplus-error-kind", letter.error.kind.value.encode())]
+        future = self.producer.send(self.topic, key=key, value=letter.model_dump_json().encode(), headers=headers)
+        future.get(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.producer.close(timeout=5)

@@ -1,0 +1,137 @@
+"""One replica: a RAM++ model, one Kafka consumer-group member, and the pipeline between them.
+
+`Replica` is a plain class (tests run it in-process); `ReplicaActor` is the same thing as a Ray actor that
+runs its pipeline on a thread from the constructor on, so that when Ray restarts a crashed actor (the
+constructor runs again) it rejoins the group and carries on with no one calling it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+import structlog
+
+from ramplus_core import RamPlus, load_checkpoint
+from workers.engine import TaggingEngine
+from workers.fetchers import UriFetcher
+from workers.kafka_io import KafkaDeadLetters, KafkaSource
+from workers.metrics import ReplicaMetrics
+from workers.pipeline import StreamPipeline
+from workers.s3_sink import S3ResultSink
+from workers.settings import Settings
+
+log = structlog.get_logger("ramplus.replica")
+
+
+def load_model(settings: Settings) -> RamPlus:
+    m = settings.model
+    if m.checkpoint is None:
+        from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
+
+        raise ValueError(f"no checkpoint configured (RAMPLUS_MODEL__CHECKPOINT). {OFFICIAL_WEIGHTS_HELP}")
+    return load_checkpoint(
+        m.checkpoint, m.variant, m.image_size, vocabulary=m.vocabulary, tag_list=m.tag_list,
+        thresholds=m.thresholds, trust_pickle=m.trust_checkpoint,
+    )
+
+
+class Replica:
+    def __init__(self, settings: Settings, index: int = 0, *, model: RamPlus | None = None) -> None:
+        self.settings = settings
+        self.index = index
+        self.name = f"{socket.gethostname()}/replica-{index}/{os.getpid()}"
+        self.metrics = ReplicaMetrics()
+        self.log = log.bind(replica=index)
+        f, fleet = settings.fetch, settings.fleet
+        self.engine = TaggingEngine(
+            model or load_model(settings), device=settings.model.device, precision=settings.model.precision,
+            fast=settings.model.fast_preprocess, max_bytes=f.max_bytes, max_pixels=f.max_pixels,
+        )
+        self.fetcher = UriFetcher(f, settings.s3)
+        window = 4 * (fleet.max_in_flight + settings.kafka.max_poll_records) + 1000
+        self.sink = S3ResultSink(settings.s3, recovery_window=window)
+        self.dead_letters = KafkaDeadLetters(settings.kafka, client_id=f"ramplus-dlq-{index}")
+        self.source = KafkaSource(settings.kafka, client_id=f"ramplus-replica-{index}", metrics=self.metrics)
+        self.pipeline = StreamPipeline(
+            self.source, self.sink, self.dead_letters, self.engine, self.fetcher,
+            worker=self.name, batch_size=fleet.batch_size, max_batch_wait_s=fleet.max_batch_wait_s,
+            max_in_flight=fleet.max_in_flight, fetch_concurrency=f.concurrency,
+            drain_timeout_s=fleet.drain_timeout_s, metrics=self.metrics,
+        )
+        self.source.hooks = self.pipeline
+        self.source.on_assigned = self.sink.recover
+        self.stop_event = threading.Event()
+        self.log.info(
+            "replica.ready", model=self.engine.model_id, vocab=self.engine.vocabulary.ref,
+            device=str(self.engine.device), topic=settings.kafka.topic, group=settings.kafka.group_id,
+        )
+
+    def run(self) -> None:
+        """Until `stop_event` is set; then drain, commit and close."""
+        try:
+            self.pipeline.run(self.stop_event)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for closer in (self.source.close, self.dead_letters.close, self.fetcher.close):
+            try:
+                closer()
+            except Exception as exc:
+                self.log.warning("replica.close_failed", error=str(exc))
+        self.log.info("replica.stopped", **self.pipeline.stats)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "replica": self.index, "name": self.name, "vocab": self.engine.vocabulary.ref,
+            "in_flight": self.pipeline.tracker.in_flight(), **self.pipeline.stats,
+        }
+
+
+class ReplicaActor:
+    """Ray actor body. Decorated with resources by the fleet (`ray.remote(num_gpus=...)`)."""
+
+    def __init__(self, settings_json: dict[str, Any], index: int) -> None:
+        from workers.logs import configure_logging
+
+        configure_logging()
+        self.replica = Replica(Settings(**settings_json), index)
+        self.failed: str | None = None
+        self.thread = threading.Thread(target=self._run, name="ramplus-replica", daemon=True)
+        self.thread.start()
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a node draining, an operator): finish what was polled, commit, then exit.
+            signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=self._terminate, daemon=True).start())
+
+    def _run(self) -> None:
+        try:
+            self.replica.run()
+        except BaseException as exc:  # surface it, then die so that Ray restarts us
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("replica.crashed", replica=self.replica.index)
+            os._exit(1)
+
+    def _terminate(self) -> None:
+        self.stop()
+        os._exit(0)
+
+    def ready(self) -> dict[str, Any]:
+        return self.replica.stats()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.replica.stats(), "alive": self.thread.is_alive(), "failed": self.failed}
+
+    def metrics(self) -> bytes:
+        return self.replica.metrics.exposition()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self, timeout_s: float | None = None) -> dict[str, Any]:
+        self.replica.stop_event.set()
+        self.thread.join(timeout_s or self.replica.settings.fleet.drain_timeout_s + 10)
+        return self.replica.stats()
