@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ramplus_core
-from conftest import TINY_TAGS, random_images
+from helpers import TINY_TAGS, random_images
 from ramplus_core.checkpoint import read_torch_file
 from ramplus_core.errors import CheckpointError, CheckpointLayoutError, UntrustedCheckpointError
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ramplus_core
-from conftest import jpeg_bytes, random_images
+from helpers import jpeg_bytes, random_images
 from workers.cli import app
 
 runner = CliRunner()

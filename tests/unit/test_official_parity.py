@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ramplus_core
-from conftest import TINY_TAGS, random_images
+from helpers import TINY_TAGS, random_images
 from official_reference import (
     OFFICIAL_VARIANTS,
     TINY_GEOMETRY,

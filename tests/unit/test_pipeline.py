@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import jpeg_bytes, make_tiny_model, random_images
+from helpers import jpeg_bytes, make_tiny_model, random_images
 from ramplus_core import preprocess, select_tags
 from workers.engine import TaggingEngine
 from workers.errors import ErrorKind, InputError

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import jpeg_bytes, random_images
+from helpers import jpeg_bytes, random_images
 from official_reference import official_transform
 from ramplus_core import CorruptImageError, FastPreprocessor, ImageTooLargeError, NotAnImageError, load_image, preprocess
 

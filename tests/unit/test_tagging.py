@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ramplus_core
-from conftest import random_images
+from helpers import random_images
 from ramplus_core import Tagger, Vocabulary, select_tags
 
 
