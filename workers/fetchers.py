@@ -1,214 +1,414 @@
-"""Image bytes from a URI: `s3://`, `https://` (and `http://` only when allowed) or `file://`.
+"""Image bytes from a URI: `s3://bucket/key`, `https://host/path` (`http://` only when allowed), `file:///path`.
 
-Nothing is fetched unless an allowlist names it (buckets, hosts, folders); no response is read past
-`max_bytes`; redirects are followed by hand so that each hop is checked against the allowlist. Transient
-failures (timeouts, refused connections, 5xx, throttling) are retried with `tenacity`; permanent ones
-(404, 403, forbidden, too large) fail at once. Every failure is an `InputError` whose kind says why.
-S3 keys are taken verbatim (not percent-decoded): S3 allows `%` in keys.
+Safe by default: nothing is fetched unless an allowlist names it (buckets, hosts, folders), no response is
+read past `max_bytes` (declared sizes are checked first, and the stream is cut off at `max_bytes + 1` for
+servers that lie or send chunked bodies), and redirects are followed by hand so that every hop is checked
+against the allowlist. Transient failures (refused or reset connections, timeouts, 5xx, 429, S3 throttling)
+are retried with `tenacity`; permanent ones (404, 403, forbidden, too large) fail at once. Every failure is
+an `InputError` whose kind says why; messages name the URI without userinfo or query string, which may
+carry credentials.
+
+Parsing choices:
+- S3 keys are taken verbatim, after the first `/` following the bucket: not percent-decoded (S3 allows `%`
+  in keys) and not split at `?` or `#` (also legal in keys). `s3://b/a%20b.jpg` is the key `a%20b.jpg`.
+- file:// paths are percent-decoded (`file:///img/a%20b.jpg` is `/img/a b.jpg`), as RFC 8089 says; a
+  literal `?` or `#` in a file name must therefore be written `%3F` / `%23`.
+
+All classes are thread-safe: they keep no per-request state, and httpx and boto3 clients may be shared by
+threads. `UriFetcher` is what the replicas use; the three fetchers are usable on their own.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
-from botocore.exceptions import BotoCoreError, ClientError
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+import structlog
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ParamValidationError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from tenacity import (
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
 
 from workers.errors import ErrorKind, InputError
 from workers.settings import FetchSettings, S3Settings
 
+log = structlog.get_logger("ramplus.fetch")
+
 MAX_REDIRECTS = 5
 CHUNK = 1 << 16
+RETRY_WAIT_S = 0.2  # first backoff; doubles per try, with as much jitter again
+RETRY_MAX_WAIT_S = 2.0  # short: a fetch thread that sleeps holds up its share of the fleet's throughput
+
+_S3_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_S3_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_S3_TRANSIENT = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException"}
+_S3_INVALID = {"InvalidBucketName", "KeyTooLongError", "InvalidURI", "InvalidObjectName"}
 
 
 class TransientFetchError(Exception):
-    """Worth another try; becomes InputError(FETCH) when the tries run out."""
+    """Worth another try; becomes InputError(FETCH), with the URI prefixed, when the tries run out."""
 
 
-def _safe(uri: str) -> str:
-    """The URI for messages: no userinfo, no query string (either may carry credentials)."""
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else uri
+def redact(uri: str) -> str:
+    """The URI for messages and logs: no userinfo, and no query or fragment except in S3 keys (where they
+    are part of the key, and S3 URIs carry no credentials)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri[:512]
+    if scheme.lower() != "s3":
+        rest = rest.split("?", 1)[0].split("#", 1)[0]
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
-def _too_large(uri: str, size: int | str, limit: int) -> InputError:
-    return InputError(ErrorKind.TOO_LARGE, f"{_safe(uri)}: {size} bytes exceeds the {limit}-byte limit (RAMPLUS_FETCH__MAX_BYTES)")
+def _too_large(uri: str, size: int | None, limit: int) -> InputError:
+    what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+    return InputError(ErrorKind.TOO_LARGE, f"{redact(uri)}: {what}, over the {limit}-byte limit (RAMPLUS_FETCH__MAX_BYTES)")
 
 
-class _Retrying:
-    def __init__(self, attempts: int, wait_s: float) -> None:
-        self.attempts, self.wait_s = attempts, wait_s
+def _with_retries(uri: str, attempts: int, wait_s: float, action: Callable[[], bytes]) -> bytes:
+    """`action()`, tried up to `attempts` times while it raises TransientFetchError; InputErrors pass at once."""
 
-    def call(self, uri: str, fn: Any) -> bytes:
-        try:
-            for attempt in Retrying(
-                stop=stop_after_attempt(self.attempts),
-                wait=wait_exponential_jitter(initial=self.wait_s, max=max(self.wait_s, 2.0)),
-                retry=retry_if_exception_type(TransientFetchError),
-                reraise=False,
-            ):
-                with attempt:
-                    return fn()
-        except RetryError as exc:
-            cause = exc.last_attempt.exception()
-            raise InputError(ErrorKind.FETCH, f"{_safe(uri)}: {cause} (after {self.attempts} tries)") from cause
-        raise AssertionError("unreachable")
+    def note_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.info("fetch.retry", uri=redact(uri), attempt=state.attempt_number, of=attempts, error=str(error))
+
+    retrying = Retrying(  # one per call: Retrying objects carry per-call state
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=wait_s, max=max(wait_s, RETRY_MAX_WAIT_S)) + wait_random(0, wait_s),
+        retry=retry_if_exception_type(TransientFetchError),
+        before_sleep=note_retry,
+    )
+    try:
+        return retrying(action)
+    except RetryError as exc:
+        cause = exc.last_attempt.exception()
+        tries = "1 try" if attempts == 1 else f"{attempts} tries"
+        raise InputError(
+            ErrorKind.FETCH, f"{redact(uri)}: {cause} (gave up after {tries}; RAMPLUS_FETCH__ATTEMPTS)"
+        ) from cause
+
+
+# ------------------------------------------------------------------------------------------------- S3
+
+
+def make_s3_client(s3: S3Settings, fetch: FetchSettings) -> Any:
+    """A boto3 S3 client for fetching; credentials come from the standard AWS chain, never from settings."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(  # own session: the default one is not thread-safe to create clients
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name=s3.region,
+        config=Config(
+            # botocore's own retries off: tenacity retries, so RAMPLUS_FETCH__ATTEMPTS means total tries.
+            retries={"mode": "standard", "total_max_attempts": 1},
+            connect_timeout=fetch.timeout_s,
+            read_timeout=fetch.timeout_s,
+            max_pool_connections=max(10, fetch.concurrency),
+            s3={"addressing_style": "path"} if s3.endpoint_url else None,  # local servers have no bucket DNS
+        ),
+    )
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key), key verbatim (see the module docstring)."""
+    scheme, sep, rest = uri.partition("://")
+    if scheme.lower() != "s3" or not sep:
+        raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: not an s3:// URI")
+    bucket, _, key = rest.partition("/")
+    if "@" in bucket:
+        raise InputError(ErrorKind.FORBIDDEN, f"{redact(uri)}: credentials in URIs are not allowed")
+    if not bucket:
+        raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: no bucket; expected s3://bucket/key")
+    if not key:
+        raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: no key; expected s3://bucket/key")
+    return bucket, key
 
 
 class S3Fetcher:
-    def __init__(self, fetch: FetchSettings, s3: S3Settings | None = None, *, client: Any = None, retry_wait_s: float = 0.2) -> None:
-        self.settings = fetch
-        if client is None:
-            from workers.s3_sink import s3_client
+    """`get_object` from allowlisted buckets. The client is built from `s3` unless one is given."""
 
-            client = s3_client(s3 or S3Settings(), pool=max(10, fetch.concurrency), timeout_s=fetch.timeout_s)
-        self.client = client
-        self.retrying = _Retrying(fetch.attempts, retry_wait_s)
+    def __init__(
+        self, fetch: FetchSettings, s3: S3Settings | None = None, *, client: Any = None, retry_wait_s: float = RETRY_WAIT_S
+    ) -> None:
+        self.settings = fetch
+        self.owns_client = client is None
+        self.client = client if client is not None else make_s3_client(s3 or S3Settings(), fetch)
+        self.retry_wait_s = retry_wait_s
 
     def fetch(self, uri: str) -> bytes:
-        parts = urlsplit(uri)
-        bucket, key = parts.netloc, parts.path.lstrip("/")
-        if not bucket or not key:
-            raise InputError(ErrorKind.VALIDATION, f"{uri}: expected s3://bucket/key")
+        bucket, key = split_s3_uri(uri)
         if not self.settings.bucket_allowed(bucket):
-            raise InputError(ErrorKind.FORBIDDEN, f"{uri}: bucket {bucket!r} is not in the allowlist (RAMPLUS_FETCH__S3_BUCKETS)")
-        return self.retrying.call(uri, lambda: self._get(uri, bucket, key))
+            raise InputError(
+                ErrorKind.FORBIDDEN, f"{redact(uri)}: bucket {bucket!r} is not in the allowlist (RAMPLUS_FETCH__S3_BUCKETS)"
+            )
+        return _with_retries(uri, self.settings.attempts, self.retry_wait_s, lambda: self._get(uri, bucket, key))
+
+    def close(self) -> None:
+        if self.owns_client and hasattr(self.client, "close"):
+            self.client.close()
 
     def _get(self, uri: str, bucket: str, key: str) -> bytes:
         limit = self.settings.max_bytes
         try:
             response = self.client.get_object(Bucket=bucket, Key=key)
-            size = int(response.get("ContentLength") or 0)
-            if size > limit:
-                response["Body"].close()
-                raise _too_large(uri, size, limit)
-            data = response["Body"].read(limit + 1)
+            body = response["Body"]
+            try:
+                declared = response.get("ContentLength")
+                if declared is not None and int(declared) > limit:
+                    raise _too_large(uri, int(declared), limit)
+                data = body.read(limit + 1)  # capped even when ContentLength is missing or wrong
+            finally:
+                body.close()
         except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code, status = str(error.get("Code", "")), int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound") or status == 404:
-                raise InputError(ErrorKind.NOT_FOUND, f"{uri}: no such object ({code or status})") from exc
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
-                raise InputError(ErrorKind.FORBIDDEN, f"{uri}: the S3 server refused access ({code or status})") from exc
-            if status >= 500 or status == 429 or code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
-                raise TransientFetchError(f"S3 {code or status}") from exc
-            raise InputError(ErrorKind.FETCH, f"{uri}: S3 error {code or status}") from exc
-        except BotoCoreError as exc:  # endpoint unreachable, timeouts, connection resets
+            raise self._client_error(uri, exc) from exc
+        except NoCredentialsError as exc:
+            raise InputError(
+                ErrorKind.FETCH,
+                f"{redact(uri)}: no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role)",
+            ) from exc
+        except ParamValidationError as exc:  # botocore's own checks, e.g. a bucket name S3 cannot have
+            reason = str(exc).strip().splitlines()[-1]  # the first line is a generic header; the regexes are noise
+            raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: invalid S3 location ({reason.split(': ', 1)[0]})") from exc
+        except (BotoConnectionError, HTTPClientError, IncompleteReadError) as exc:  # unreachable, timeouts, resets
             raise TransientFetchError(f"{type(exc).__name__}: {exc}") from exc
+        except BotoCoreError as exc:  # configuration problems: another try would not help
+            raise InputError(ErrorKind.FETCH, f"{redact(uri)}: S3 client error ({type(exc).__name__}: {exc})") from exc
         if len(data) > limit:
-            raise _too_large(uri, f"more than {limit}", limit)
+            raise _too_large(uri, None, limit)
         return data
+
+    @staticmethod
+    def _client_error(uri: str, exc: ClientError) -> Exception:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        what = f"{code} (HTTP {status})" if code and status else code or f"HTTP {status}"
+        if code in _S3_NOT_FOUND or status == 404:
+            return InputError(ErrorKind.NOT_FOUND, f"{redact(uri)}: no such object or bucket ({what})")
+        if code in _S3_DENIED or status in (401, 403):
+            return InputError(
+                ErrorKind.FORBIDDEN,
+                f"{redact(uri)}: the S3 server refused access ({what}); check the fleet's AWS credentials and policy",
+            )
+        if code in _S3_TRANSIENT or status >= 500 or status == 429:
+            return TransientFetchError(f"S3 error {what}")
+        if code in _S3_INVALID:
+            return InputError(ErrorKind.VALIDATION, f"{redact(uri)}: invalid S3 location ({what})")
+        return InputError(ErrorKind.FETCH, f"{redact(uri)}: S3 error {what}")
+
+
+# ----------------------------------------------------------------------------------------------- HTTP
 
 
 class HttpFetcher:
-    def __init__(self, fetch: FetchSettings, *, client: httpx.Client | None = None, retry_wait_s: float = 0.2) -> None:
-        self.settings = fetch
-        self.client = client or httpx.Client(
-            follow_redirects=False,
-            timeout=httpx.Timeout(fetch.timeout_s),
-            limits=httpx.Limits(max_connections=max(10, fetch.concurrency * 2)),
-            headers={"User-Agent": "ramplus-fetcher/0.1"},
-        )
-        self.retrying = _Retrying(fetch.attempts, retry_wait_s)
+    """GET from allowlisted hosts over https (http only with `allow_plain_http`), redirects checked per hop."""
 
-    def check(self, uri: str) -> None:
-        parts = urlsplit(uri)
+    def __init__(self, fetch: FetchSettings, *, client: httpx.Client | None = None, retry_wait_s: float = RETRY_WAIT_S) -> None:
+        self.settings = fetch
+        self.owns_client = client is None
+        self.client = client if client is not None else httpx.Client(
+            follow_redirects=False,  # we follow them ourselves, checking each target
+            timeout=httpx.Timeout(fetch.timeout_s),
+            limits=httpx.Limits(
+                max_connections=max(10, fetch.concurrency * 2), max_keepalive_connections=max(10, fetch.concurrency)
+            ),
+            # identity: a compressed body could expand past max_bytes in one chunk (and images do not compress).
+            headers={"User-Agent": "ramplus-fetcher/0.1", "Accept-Encoding": "identity"},
+            trust_env=False,  # no proxies or .netrc credentials picked up from the environment by surprise
+        )
+        self.retry_wait_s = retry_wait_s
+
+    def check(self, uri: str, origin: str | None = None) -> None:
+        """InputError unless `uri` may be fetched; `origin` is the URI that redirected here, if any."""
+        where = f"{redact(origin)}: redirected to {redact(uri)}" if origin else redact(uri)
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        except ValueError as exc:
+            raise InputError(ErrorKind.VALIDATION, f"{where}: malformed URI ({exc})") from exc
         if parts.scheme not in ("https", "http"):
-            raise InputError(ErrorKind.FORBIDDEN, f"{_safe(uri)}: redirect to a {parts.scheme or 'relative'} URI is not allowed")
-        if parts.scheme == "http" and not self.settings.allow_plain_http:
-            raise InputError(ErrorKind.FORBIDDEN, f"{_safe(uri)}: plain http is not allowed (RAMPLUS_FETCH__ALLOW_PLAIN_HTTP)")
-        if parts.username or parts.password:
-            raise InputError(ErrorKind.FORBIDDEN, f"{_safe(uri)}: credentials in URIs are not allowed")
+            kind = ErrorKind.FORBIDDEN if origin else ErrorKind.VALIDATION
+            raise InputError(kind, f"{where}: scheme {parts.scheme or '(none)'!r} is not http(s)")
+        if "@" in parts.netloc:
+            raise InputError(ErrorKind.FORBIDDEN, f"{where}: credentials in URIs (user:password@) are not allowed")
         if not parts.hostname:
-            raise InputError(ErrorKind.VALIDATION, f"{_safe(uri)}: no host")
+            raise InputError(ErrorKind.VALIDATION, f"{where}: no host")
+        if parts.scheme == "http" and not self.settings.allow_plain_http:
+            raise InputError(
+                ErrorKind.FORBIDDEN, f"{where}: plain http is not allowed, use https (or set RAMPLUS_FETCH__ALLOW_PLAIN_HTTP)"
+            )
         if not self.settings.host_allowed(parts.hostname):
-            raise InputError(ErrorKind.FORBIDDEN, f"{_safe(uri)}: host {parts.hostname!r} is not in the allowlist (RAMPLUS_FETCH__HTTP_HOSTS)")
+            raise InputError(
+                ErrorKind.FORBIDDEN, f"{where}: host {parts.hostname!r} is not in the allowlist (RAMPLUS_FETCH__HTTP_HOSTS)"
+            )
 
     def fetch(self, uri: str) -> bytes:
         self.check(uri)
-        return self.retrying.call(uri, lambda: self._get(uri))
+        return _with_retries(uri, self.settings.attempts, self.retry_wait_s, lambda: self._get(uri))
+
+    def close(self) -> None:
+        if self.owns_client:
+            self.client.close()
 
     def _get(self, uri: str) -> bytes:
         current = uri
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 with self.client.stream("GET", current) as response:
-                    if response.is_redirect:
-                        target = urljoin(current, response.headers.get("location", ""))
-                        self.check(target)  # every hop must be allowed, not just the first
+                    if response.has_redirect_location:
+                        target = self._location(uri, current, response.headers["location"])
+                        self.check(target, origin=uri)  # every hop must be allowed, not just the first
                         current = target
                         continue
                     return self._body(uri, response)
-            except httpx.TransportError as exc:  # refused, reset, DNS, timeouts
+            except httpx.InvalidURL as exc:
+                raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: malformed URI ({exc})") from exc
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:  # not the network's fault
+                raise InputError(ErrorKind.FETCH, f"{redact(uri)}: {type(exc).__name__}: {exc}") from exc
+            except httpx.TransportError as exc:  # refused, reset, DNS, timeouts, broken responses
                 raise TransientFetchError(f"{type(exc).__name__}: {exc}") from exc
-        raise InputError(ErrorKind.FETCH, f"{_safe(uri)}: more than {MAX_REDIRECTS} redirects")
+        raise InputError(ErrorKind.FETCH, f"{redact(uri)}: more than {MAX_REDIRECTS} redirects")
+
+    @staticmethod
+    def _location(uri: str, current: str, location: str) -> str:
+        try:
+            return urljoin(current, location).split("#", 1)[0]
+        except ValueError as exc:  # e.g. a broken IPv6 literal
+            raise InputError(ErrorKind.FETCH, f"{redact(uri)}: redirect to a malformed URI ({exc})") from exc
 
     def _body(self, uri: str, response: httpx.Response) -> bytes:
         status = response.status_code
         if status in (404, 410):
-            raise InputError(ErrorKind.NOT_FOUND, f"{_safe(uri)}: HTTP {status}")
+            raise InputError(ErrorKind.NOT_FOUND, f"{redact(uri)}: HTTP {status}")
         if status in (401, 403):
-            raise InputError(ErrorKind.FORBIDDEN, f"{_safe(uri)}: the server refused access (HTTP {status})")
+            raise InputError(ErrorKind.FORBIDDEN, f"{redact(uri)}: the server refused access (HTTP {status})")
         if status >= 500 or status == 429:
             raise TransientFetchError(f"HTTP {status}")
-        if status >= 400 or status < 200:
-            raise InputError(ErrorKind.FETCH, f"{_safe(uri)}: HTTP {status}")
+        if not 200 <= status < 300:  # other 4xx, and 3xx without a Location
+            raise InputError(ErrorKind.FETCH, f"{redact(uri)}: HTTP {status}")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise InputError(
+                ErrorKind.FETCH, f"{redact(uri)}: the server sent Content-Encoding {encoding!r} though identity was asked for"
+            )
         limit = self.settings.max_bytes
-        declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        declared = response.headers.get("content-length", "").strip()
+        if declared.isdigit() and int(declared) > limit:
             raise _too_large(uri, int(declared), limit)
         chunks, size = [], 0
-        for chunk in response.iter_bytes(CHUNK):
+        for chunk in response.iter_raw(CHUNK):
             size += len(chunk)
             if size > limit:  # a server that lies about (or omits) Content-Length is cut off here
-                raise _too_large(uri, f"more than {limit}", limit)
+                raise _too_large(uri, None, limit)
             chunks.append(chunk)
         return b"".join(chunks)
 
 
+# ----------------------------------------------------------------------------------------------- file
+
+
+def _read_at_most(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left > 0:
+        chunk = os.read(fd, min(left, CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 class FileFetcher:
+    """Regular files under one of `file_roots`, judged after symlinks and `..` are resolved."""
+
     def __init__(self, fetch: FetchSettings) -> None:
         self.settings = fetch
-        self.roots = [Path(r).resolve() for r in fetch.file_roots]
+        self.roots = [Path(os.path.realpath(root)) for root in fetch.file_roots]
+
+    def path_of(self, uri: str) -> Path:
+        """The resolved path `uri` names, or InputError if it is malformed or outside every root."""
+        try:
+            parts = urlsplit(uri)
+        except ValueError as exc:
+            raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: malformed URI ({exc})") from exc
+        if parts.scheme != "file":
+            raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: not a file:// URI")
+        if parts.netloc.lower() not in ("", "localhost"):
+            host = parts.netloc.rpartition("@")[2]
+            raise InputError(ErrorKind.FORBIDDEN, f"{redact(uri)}: file:// URIs must be local (file:///path), not on host {host!r}")
+        raw = unquote(parts.path)
+        if not raw or raw == "/":
+            raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: no path; expected file:///absolute/path")
+        if not raw.startswith("/"):
+            raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: expected an absolute path, file:///absolute/path")
+        if "\x00" in raw:
+            raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: NUL byte in path")
+        if not self.roots:
+            raise InputError(
+                ErrorKind.FORBIDDEN, f"{redact(uri)}: no folders are allowed for file:// URIs (RAMPLUS_FETCH__FILE_ROOTS)"
+            )
+        path = Path(os.path.realpath(raw))  # symlinks and .. resolved before the check: no way out of a root
+        if not any(path.is_relative_to(root) for root in self.roots):
+            raise InputError(
+                ErrorKind.FORBIDDEN, f"{redact(uri)}: resolves to {path}, outside the allowed folders (RAMPLUS_FETCH__FILE_ROOTS)"
+            )
+        return path
 
     def fetch(self, uri: str) -> bytes:
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise InputError(ErrorKind.FORBIDDEN, f"{uri}: file:// URIs must be local (file:///path)")
-        raw = unquote(parts.path)
-        if not raw.startswith("/"):
-            raise InputError(ErrorKind.VALIDATION, f"{uri}: expected an absolute path, file:///path")
-        path = Path(os.path.realpath(raw))  # symlinks and .. resolved before the allowlist check
-        if not any(path.is_relative_to(root) for root in self.roots):
-            raise InputError(ErrorKind.FORBIDDEN, f"{uri}: {path} is outside the allowed folders (RAMPLUS_FETCH__FILE_ROOTS)")
+        path, limit = self.path_of(uri), self.settings.max_bytes
+        # O_NOFOLLOW: a symlink swapped in after the check is refused; O_NONBLOCK: a FIFO cannot hang us.
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            size = path.stat().st_size
-            if path.is_dir():
-                raise InputError(ErrorKind.VALIDATION, f"{uri}: is a folder, not a file")
-            if size > self.settings.max_bytes:
-                raise _too_large(uri, size, self.settings.max_bytes)
-            with path.open("rb") as f:
-                data = f.read(self.settings.max_bytes + 1)
-        except FileNotFoundError as exc:
-            raise InputError(ErrorKind.NOT_FOUND, f"{uri}: no such file") from exc
+            fd = os.open(path, flags)
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode):
+                    raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: is a folder, not a file")
+                if not stat.S_ISREG(info.st_mode):
+                    raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: not a regular file")
+                if info.st_size > limit:
+                    raise _too_large(uri, info.st_size, limit)
+                data = _read_at_most(fd, limit + 1)  # the file may have grown since fstat
+            finally:
+                os.close(fd)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise InputError(ErrorKind.NOT_FOUND, f"{redact(uri)}: no such file") from exc
         except PermissionError as exc:
-            raise InputError(ErrorKind.FORBIDDEN, f"{uri}: permission denied") from exc
-        except OSError as exc:
-            raise InputError(ErrorKind.FETCH, f"{uri}: cannot read ({exc.strerror or exc})") from exc
-        if len(data) > self.settings.max_bytes:
-            raise _too_large(uri, f"more than {self.settings.max_bytes}", self.settings.max_bytes)
+            raise InputError(ErrorKind.FORBIDDEN, f"{redact(uri)}: permission denied (the worker cannot read it)") from exc
+        except OSError as exc:  # ELOOP from O_NOFOLLOW, EIO, ...
+            raise InputError(ErrorKind.FETCH, f"{redact(uri)}: cannot read ({exc.strerror or exc})") from exc
+        if len(data) > limit:
+            raise _too_large(uri, None, limit)
         return data
 
 
+# ------------------------------------------------------------------------------------------- dispatch
+
+
 class UriFetcher:
-    """Dispatches by scheme; thread-safe (boto3 and httpx clients are). The S3 client is made on first use."""
+    """`fetch(uri)` by scheme. Thread-safe; the S3 client is built on first use (not every fleet reads S3)."""
 
     def __init__(
         self,
@@ -217,29 +417,40 @@ class UriFetcher:
         *,
         s3_client: Any = None,
         http_client: httpx.Client | None = None,
-        retry_wait_s: float = 0.2,
+        retry_wait_s: float = RETRY_WAIT_S,
     ) -> None:
         self.settings, self.s3_settings = fetch, s3
-        self._s3_client, self.retry_wait_s = s3_client, retry_wait_s
+        self.retry_wait_s = retry_wait_s
+        self._s3_client = s3_client
         self._s3: S3Fetcher | None = None
+        self._s3_lock = threading.Lock()
         self.http = HttpFetcher(fetch, client=http_client, retry_wait_s=retry_wait_s)
         self.file = FileFetcher(fetch)
 
     @property
     def s3(self) -> S3Fetcher:
         if self._s3 is None:
-            self._s3 = S3Fetcher(self.settings, self.s3_settings, client=self._s3_client, retry_wait_s=self.retry_wait_s)
+            with self._s3_lock:
+                if self._s3 is None:
+                    self._s3 = S3Fetcher(self.settings, self.s3_settings, client=self._s3_client, retry_wait_s=self.retry_wait_s)
         return self._s3
 
     def fetch(self, uri: str) -> bytes:
-        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+        """The bytes at `uri`, at most `max_bytes` of them, or an InputError whose kind says why not."""
+        scheme = uri.partition("://")[0].lower() if "://" in uri else ""
         if scheme == "s3":
             return self.s3.fetch(uri)
         if scheme in ("https", "http"):
             return self.http.fetch(uri)
         if scheme == "file":
             return self.file.fetch(uri)
-        raise InputError(ErrorKind.VALIDATION, f"{_safe(uri)}: unsupported URI scheme {scheme or '(none)'!r}")
+        raise InputError(
+            ErrorKind.VALIDATION, f"{redact(uri)}: unsupported URI scheme {scheme or '(none)'!r}; expected s3, https, http or file"
+        )
 
     def close(self) -> None:
-        self.http.client.close()
+        """Closes the clients this fetcher made (injected ones belong to the caller)."""
+        self.http.close()
+        with self._s3_lock:
+            if self._s3 is not None:
+                self._s3.close()

@@ -71,6 +71,12 @@ class KafkaSource:
         )
         self.consumer.subscribe(topics=[settings.topic], listener=_Listener(self))
         self._last_lag = 0.0
+        # kafka-python 3 runs rebalance callbacks on its IO thread, where no blocking consumer call is
+        # allowed: the callbacks only drain (our threads, not the consumer's) and commit asynchronously;
+        # newly assigned partitions stay paused until the polling thread has cleaned up and seeked them.
+        self._in_callback = False
+        self._recovering: set[TopicPartition] = set()
+        self._paused_all = False
 
     # -- the Source protocol ------------------------------------------------------------------------------
 
@@ -79,20 +85,31 @@ class KafkaSource:
         records = [
             Record(m.topic, m.partition, m.offset, m.value, m.key, m.timestamp if m.timestamp and m.timestamp > 0 else None)
             for tp in sorted(batches, key=lambda t: (t.topic, t.partition))
+            if (tp.topic, tp.partition) not in self._recovering  # refetched after the seek
             for m in batches[tp]
         ]
+        if self._recovering:
+            self._recover()
         if self.metrics is not None and time.monotonic() - self._last_lag > 5:
             self._update_lag()
         return records
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        self.consumer.commit({_tp(tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        kafka_offsets = {_tp(tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+        if self._in_callback:
+            # On the IO thread: queue it. Should it fail, the next owner finds our results past its
+            # committed offset when it recovers the partition, removes them and redoes them.
+            self.consumer.commit_async(kafka_offsets)
+        else:
+            self.consumer.commit(kafka_offsets)
 
     def pause(self, tps: list[TopicPartition]) -> None:
+        self._paused_all = True
         self.consumer.pause(*[_tp(tp) for tp in tps])
 
     def resume(self, tps: list[TopicPartition]) -> None:
-        self.consumer.resume(*[_tp(tp) for tp in tps])
+        self._paused_all = False
+        self.consumer.resume(*[_tp(tp) for tp in tps if tp not in self._recovering])
 
     def assignment(self) -> list[TopicPartition]:
         return [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
@@ -103,9 +120,14 @@ class KafkaSource:
     # -- rebalances ---------------------------------------------------------------------------------------
 
     def _revoked(self, tps: list[TopicPartition], *, commit: bool) -> None:
+        self._recovering.difference_update(tps)
         if not tps or self.hooks is None:
             return
-        drained = self.hooks.drain(tps, commit=commit)
+        self._in_callback = True
+        try:
+            drained = self.hooks.drain(tps, commit=commit)
+        finally:
+            self._in_callback = False
         self.hooks.forget(tps)
         log.info("partitions.revoked" if commit else "partitions.lost", partitions=[p for _, p in tps], drained=drained)
 
@@ -113,15 +135,26 @@ class KafkaSource:
         if not tps:
             return
         if self.on_assigned is not None:
-            committed = {tp: self.consumer.committed(_tp(tp)) for tp in tps}
-            missing = [_tp(tp) for tp, c in committed.items() if c is None]
-            starts = self.consumer.beginning_offsets(missing) if missing else {}
-            for tp in tps:
-                start = committed[tp] if committed[tp] is not None else starts[_tp(tp)]
-                self.on_assigned(tp, start)
-                self.consumer.seek(_tp(tp), start)  # explicit: the same offset the cleanup assumed
-        # A rebalance can come while paused; new partitions start paused too and resume with the rest.
+            self._recovering.update(tps)
+            self.consumer.pause(*[_tp(tp) for tp in tps])
         log.info("partitions.assigned", partitions=[p for _, p in tps])
+
+    def _recover(self) -> None:
+        """On the polling thread: clean up past each new partition's committed offset, seek there, resume."""
+        assigned = set(self.assignment())
+        self._recovering &= assigned
+        for tp in sorted(self._recovering):
+            try:
+                committed = self.consumer.committed(_tp(tp))
+                start = committed if committed is not None else self.consumer.beginning_offsets([_tp(tp)])[_tp(tp)]
+                self.on_assigned(tp, start)
+            except Exception as exc:  # Kafka or S3 away: the partition stays paused, we try again next poll
+                log.warning("partition.recovery_failed", partition=tp[1], error=f"{type(exc).__name__}: {exc}")
+                continue
+            self.consumer.seek(_tp(tp), start)  # explicit: the same offset the cleanup assumed
+            self._recovering.discard(tp)
+            if not self._paused_all:
+                self.consumer.resume(_tp(tp))
 
     def _update_lag(self) -> None:
         self._last_lag = time.monotonic()

@@ -1,7 +1,10 @@
-"""Fixtures for the real local stack (infra/local/stack.py): Kafka in KRaft mode, redis-server, s3proxy.
+"""Fixtures for the real local stack (infra/local/stack.py): Kafka 4.3 in KRaft mode, redis-server, s3proxy.
 
-The stack is started once per session (installed the first time) and reused when it already runs; a
-session that started it stops it at the end. Each test gets fresh names (topics, buckets, key prefixes).
+The stack is brought up once per session (installed the first time, which takes about a minute) and reused
+when it already runs; services this session started are stopped at the end, data kept. Each test gets fresh
+names (topics, buckets, key prefixes), so tests never see each other's data.
+
+RAMPLUS_STACK_HOME (default <repo>/var/stack) and RAMPLUS_STACK_{KAFKA,REDIS,S3}_PORT choose the stack.
 """
 
 from __future__ import annotations
@@ -9,53 +12,75 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+STACK_SCRIPT = ROOT / "infra" / "local" / "stack.py"
 
 
-def _load_stack_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ramplus_local_stack", ROOT / "infra" / "local" / "stack.py")
+def load_stack_module() -> ModuleType:
+    """infra/local/stack.py is a script, not a package: import it by path (once)."""
+    name = "ramplus_local_stack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, STACK_SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
+    sys.modules[name] = module  # dataclasses look the module up while the class is built
     spec.loader.exec_module(module)
     return module
 
 
 class Stack:
+    """Addresses of the running stack, and stop/start for fault injection (data survives a restart)."""
+
     def __init__(self, module: ModuleType, config) -> None:  # noqa: ANN001
-        self._m, self.config = module, config
-        self.kafka_bootstrap = f"127.0.0.1:{config.kafka_port}"
-        self.redis_url = f"redis://127.0.0.1:{config.redis_port}/0"
-        self.s3_endpoint = f"http://127.0.0.1:{config.s3_port}"
-        self.env = module.env(config)
-        self.s3_credentials = {
-            "aws_access_key_id": config.s3_identity, "aws_secret_access_key": config.s3_credential, "region_name": "us-east-1",
+        self.module, self.config = module, config
+        self.kafka_bootstrap: str = config.kafka_bootstrap
+        self.redis_url: str = config.redis_url
+        self.s3_endpoint: str = config.s3_endpoint
+        self.env: dict[str, str] = module.env(config)
+        self.s3_credentials: dict[str, str] = {
+            "aws_access_key_id": config.s3_access_key,
+            "aws_secret_access_key": config.s3_secret_key,
+            "region_name": config.region,
         }
 
     def stop(self, service: str) -> None:
-        self._m.stop(self.config, service)
+        self.module.stop(service, self.config)
 
     def start(self, service: str) -> None:
-        self._m.start(self.config, service)
+        self.module.start(service, self.config)
+
+    def restart(self, service: str) -> None:
+        self.stop(service)
+        self.start(service)
 
     def is_ready(self, service: str) -> bool:
-        return self._m.is_ready(self.config, service)
+        return self.module.is_ready(self.config, service)
 
 
 @pytest.fixture(scope="session")
-def stack() -> Stack:
-    module = _load_stack_module()
+def stack() -> Iterator[Stack]:
+    module = load_stack_module()
     config = module.StackConfig.from_env()
-    already = [s for s in module.SERVICES if module.running_pid(config, s) is not None and module.is_ready(config, s)]
-    module.up(config)
+    already = {s for s in module.SERVICES if module.is_ready(config, s)}
+    try:
+        module.up(config)
+    except module.StackError as exc:
+        pytest.fail(f"the local stack did not come up (infra/local/stack.py up):\n{exc}", pytrace=False)
     yield Stack(module, config)
-    started = [s for s in module.SERVICES if s not in already]
-    module.down(config, started)
+    started_here = [s for s in module.SERVICES if s not in already]
+    if started_here:
+        module.down(config, started_here)
+
+
+# ------------------------------------------------------------------------------------------------ S3
 
 
 @pytest.fixture(scope="session")
@@ -63,14 +88,25 @@ def s3_client(stack: Stack):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=stack.s3_endpoint, config=Config(s3={"addressing_style": "path"}), **stack.s3_credentials)
+    return boto3.client(
+        "s3", endpoint_url=stack.s3_endpoint, config=Config(s3={"addressing_style": "path"}), **stack.s3_credentials
+    )
 
 
 @pytest.fixture
-def s3_bucket(s3_client) -> str:
+def s3_bucket(s3_client) -> Iterator[str]:
+    """A fresh, empty bucket; emptied and deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
-    return name
+    yield name
+    try:
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                s3_client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        s3_client.delete_bucket(Bucket=name)
+    except Exception:  # noqa: BLE001 - cleanup only; a stopped server must not fail the test
+        pass
 
 
 @pytest.fixture
@@ -82,12 +118,64 @@ def aws_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return stack.env
 
 
+# --------------------------------------------------------------------------------------------- Kafka
+
+
 @pytest.fixture
-def redis_client(stack: Stack):
+def kafka_topic(stack: Stack) -> Iterator[Callable[..., str]]:
+    """Factory: ``kafka_topic(partitions=4, prefix="t")`` creates a uniquely named topic and returns its name.
+
+    The topic exists with all partitions led when it returns; the test's topics are deleted afterwards.
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap, client_id="ramplus-tests")
+    created: list[str] = []
+
+    def make(partitions: int = 4, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        admin.create_topics([NewTopic(name, partitions, 1)])
+        created.append(name)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            meta = admin.describe_topics([name])
+            parts = meta[0].get("partitions", []) if meta else []
+            if len(parts) == partitions and all(p.get("leader_id", -1) >= 0 for p in parts):
+                return name
+            time.sleep(0.1)
+        raise TimeoutError(f"topic {name} has no leaders after 30 s")
+
+    yield make
+    try:
+        if created and stack.is_ready("kafka"):
+            admin.delete_topics(created)
+    except Exception:  # noqa: BLE001 - cleanup only
+        pass
+    finally:
+        admin.close()
+
+
+# --------------------------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of this test's own; redis_client deletes its keys afterwards."""
+    return f"test:{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+def redis_client(stack: Stack, redis_prefix: str):
     import redis
 
     client = redis.Redis.from_url(stack.redis_url)
     yield client
+    try:
+        keys = list(client.scan_iter(match=redis_prefix + "*", count=500))
+        if keys:
+            client.delete(*keys)
+    except Exception:  # noqa: BLE001 - cleanup only
+        pass
     client.close()
 
 
@@ -97,8 +185,8 @@ def unique() -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = str(Path(__file__).parent)
+    here = Path(__file__).parent
     for item in items:
-        if str(item.fspath).startswith(here):
+        if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.timeout(int(os.environ.get("RAMPLUS_INTEGRATION_TIMEOUT", "600"))))
