@@ -9,7 +9,9 @@ import collections
 import json
 import os
 import signal
+import socket
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -56,10 +58,30 @@ def fleet_settings(stack, tiny_model_dir, bucket: str, topic: str, *, replicas: 
         fetch=FetchSettings(s3_buckets=[bucket], http_hosts=["images.example.com"], timeout_s=5, attempts=2),
         model=ModelSettings(checkpoint=tiny_model_dir, device="cpu"),
         fleet=FleetSettings(
-            replicas=replicas, cpus_per_replica=0.5, batch_size=16, max_batch_wait_s=0.05, metrics_port=0,
-            drain_timeout_s=30, **fleet,
+            **{"replicas": replicas, "cpus_per_replica": 0.5, "batch_size": 16, "max_batch_wait_s": 0.05,
+               "metrics_port": 0, "drain_timeout_s": 30, **fleet},
         ),
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sums over replicas per metric (and per `kind`), plus one key per replica label seen."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    out: dict[str, float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + (f"{{kind={sample.labels['kind']}}}" if "kind" in sample.labels else "")
+            out[key] += sample.value
+            out[f"{sample.name}{{replica={sample.labels.get('replica')}}}"] = 1
+    return out
 
 
 def upload_images(s3_client, bucket: str, n: int) -> list[str]:
@@ -105,16 +127,14 @@ def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 6
 
 
 def committed_reaches_end(bootstrap: str, group: str, topic: str) -> bool:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    # A consumer with the group's id reads its committed offsets without joining it (no subscribe).
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        committed = admin.list_consumer_group_offsets(group)
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         ends = consumer.end_offsets(tps)
-        return all(committed.get(tp) is not None and committed[tp].offset == ends[tp] for tp in tps if ends[tp] > 0)
+        return all(consumer.committed(tp) == ends[tp] for tp in tps if ends[tp] > 0)
     finally:
-        consumer.close()
-        admin.close()
+        consumer.close(autocommit=False)
 
 
 def wait_for_ids(s3_client, bucket: str, wanted: set[str], timeout_s: float) -> collections.Counter:
@@ -159,14 +179,21 @@ def test_mixed_stream_lands_once_in_s3_and_bad_input_in_the_dead_letter_topic(
             valid.add(id_)
     publish(stack.kafka_bootstrap, topic, payloads)
 
-    fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic))
+    port = free_port()
+    fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, metrics_port=port))
     fleet.start()
     try:
         seen = wait_for_ids(s3_client, s3_bucket, valid, timeout_s=240)
         letters = dead_letters(stack.kafka_bootstrap, dlq, expected=len(expected_kind) + len(malformed))
         assert wait_until(lambda: committed_reaches_end(stack.kafka_bootstrap, f"g-{topic}", topic), 60)
+        metrics = scrape(port)
     finally:
         fleet.stop()
+
+    # one Prometheus endpoint for the fleet, a `replica` label per replica
+    assert metrics.get("ramplus_images_tagged_total", 0) >= len(valid)
+    assert metrics.get("ramplus_dead_letters_total{kind=not_found}", 0) >= 50
+    assert {k.split("replica=")[1].rstrip("}") for k in metrics if "replica=" in k} == {"0", "1"}
 
     assert set(seen) == valid, f"missing {sorted(valid - set(seen))[:5]}, unexpected {sorted(set(seen) - valid)[:5]}"
     assert [i for i, n in seen.items() if n != 1] == []

@@ -464,15 +464,19 @@ def test_file_malformed(tree: Path) -> None:
         assert failure(files(tree).fetch, uri).kind is ErrorKind.VALIDATION, uri
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_file_permission_denied(tree: Path) -> None:
+def test_file_permission_denied(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CI runs as root, which reads any file: the OS's refusal is simulated at the open call.
     locked = tree / "root" / "locked.jpg"
     locked.write_bytes(BODY)
-    locked.chmod(0)
-    try:
-        assert failure(files(tree).fetch, f"file://{locked}").kind is ErrorKind.FORBIDDEN
-    finally:
-        locked.chmod(0o644)
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert failure(files(tree).fetch, f"file://{locked}").kind is ErrorKind.FORBIDDEN
 
 
 # -------------------------------------------------------------------------------------------------- S3
