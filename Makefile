@@ -16,13 +16,14 @@ $(BIN)/uv:
 setup: $(BIN)/uv
 	$(BIN)/uv pip install --quiet -p $(BIN)/python -e '.[dev]'
 
-# Every test, the full-size official variants included (a few minutes on 2 cores).
+# Every test: unit, the full-size official variants, and the integration tests against the real local stack
+# (Kafka, Redis, s3proxy from infra/local, installed and started by the tests themselves).
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The fast unit tier only (seconds): what to run while editing.
+# The fast unit tier only (seconds, no servers): what to run while editing.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
 
 # Tag scikit-image's bundled photos with RAM++. Needs the official checkpoint: set RAMPLUS_CHECKPOINT
 # (and RAMPLUS_TAG_LIST / RAMPLUS_THRESHOLDS for tag names); without it, it says how to get one.

@@ -204,6 +204,20 @@ def produce(
     typer.echo(f"published {count} requests to {settings.kafka.topic}")
 
 
+@app.command("settings")
+def settings_cmd(
+    show: Annotated[bool, typer.Option("--show", help="Print the effective settings as JSON instead of the table.")] = False,
+    config: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_CONFIG", help="TOML or JSON settings file.")] = None,
+) -> None:
+    """The fleet's settings: a table of every RAMPLUS_ variable, or (--show) the effective values."""
+    from workers.settings import settings_table
+
+    if show:
+        typer.echo(_settings(config).model_dump_json(indent=2))
+    else:
+        typer.echo(settings_table(), nl=False)
+
+
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
 
 

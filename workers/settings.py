@@ -140,3 +140,18 @@ class Settings(BaseSettings):
             return cls(**overrides)
         finally:
             cls.config_file = previous
+
+
+def settings_table() -> str:
+    """The README's fleet configuration table, generated from the models above (docs that match the code)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
+        for name, field in model.model_fields.items():  # type: ignore[union-attr]
+            if field.default_factory is not None:
+                default = repr(field.default_factory())
+            else:
+                default = "" if field.default is None else repr(field.default)
+            default = default.replace("|", "\\|")
+            rows.append(f"| `RAMPLUS_{section.upper()}__{name.upper()}` | `{default}` | {field.description or ''} |")
+    return "\n".join(rows) + "\n"

@@ -93,3 +93,10 @@ def test_s3_result_keys_sort_by_offset_and_parse_back():
     k1, k2 = sink.key(("t", 3), 9, 15), sink.key(("t", 3), 16, 100)
     assert k1 == "r/t/00003/00000000000000000009-00000000000000000015.jsonl"
     assert k1 < k2 and sink.parse_key(k2) == (16, 100)
+
+
+def test_the_readme_lists_every_fleet_setting_as_the_code_defines_it():
+    from workers.settings import settings_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "README is stale: paste the output of `ramplus settings`"
