@@ -51,7 +51,9 @@ class _Listener(ConsumerRebalanceListener):
 class KafkaSource:
     """A consumer-group member over one topic. `hooks` and `on_assigned` are set by whoever runs it."""
 
-    def __init__(self, settings: KafkaSettings, *, client_id: str, metrics: ReplicaMetrics | None = None) -> None:
+    def __init__(
+        self, settings: KafkaSettings, *, client_id: str, metrics: ReplicaMetrics | None = None, instance_id: str | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.hooks: PartitionHooks | None = None
@@ -67,6 +69,10 @@ class KafkaSource:
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 5),
             max_poll_interval_ms=settings.max_poll_interval_ms,
+            # Static membership: a restarted replica (same index) takes its partitions back without a
+            # rebalance, and a broker restart does not reshuffle them, so no partition ever has a
+            # still-writing previous owner; a second process with the same id is fenced by the broker.
+            group_instance_id=instance_id,
             **settings.client_options,
         )
         self.consumer.subscribe(topics=[settings.topic], listener=_Listener(self))

@@ -41,6 +41,10 @@ class OffsetTracker:
             done.discard(finished)
             self._next[tp] = finished + 1
 
+    def epoch(self, tp: TopicPartition) -> int:
+        """Read from other threads too (a dict lookup is atomic): has the partition been forgotten since?"""
+        return self._epoch.get(tp, 0)
+
     def committable(self) -> dict[TopicPartition, int]:
         """Offsets that advanced since the last `mark_committed`."""
         return {tp: n for tp, n in self._next.items() if self._committed.get(tp) != n}

@@ -306,6 +306,11 @@ class StreamPipeline:
                 )
                 by_partition.setdefault(record.tp, []).append((prepared, result))
             for tp, rows in by_partition.items():
+                # A partition revoked or lost since these were polled belongs to another replica now,
+                # which redoes them: writing them too could duplicate what its recovery already cleaned.
+                rows = [r for r in rows if r[0].epoch == self.tracker.epoch(tp)]
+                if not rows:
+                    continue
                 rows.sort(key=lambda r: r[0].record.offset)
                 try:
                     self._retry_until_stopped("write", lambda: self.sink.write(tp, [r for _, r in rows]))

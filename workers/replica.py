@@ -55,7 +55,10 @@ class Replica:
         window = 4 * (fleet.max_in_flight + settings.kafka.max_poll_records) + 1000
         self.sink = S3ResultSink(settings.s3, recovery_window=window)
         self.dead_letters = KafkaDeadLetters(settings.kafka, client_id=f"ramplus-dlq-{index}")
-        self.source = KafkaSource(settings.kafka, client_id=f"ramplus-replica-{index}", metrics=self.metrics)
+        self.source = KafkaSource(
+            settings.kafka, client_id=f"ramplus-replica-{index}", metrics=self.metrics,
+            instance_id=f"{settings.kafka.group_id}-replica-{index}" if settings.kafka.static_membership else None,
+        )
         self.pipeline = StreamPipeline(
             self.source, self.sink, self.dead_letters, self.engine, self.fetcher,
             worker=self.name, batch_size=fleet.batch_size, max_batch_wait_s=fleet.max_batch_wait_s,

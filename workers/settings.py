@@ -31,6 +31,7 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(45_000, ge=6_000, description="Group session timeout (liveness)")
     max_poll_interval_ms: int = Field(300_000, ge=10_000, description="Max time between polls before eviction")
     max_poll_records: int = Field(256, ge=1, description="Records per poll")
+    static_membership: bool = Field(True, description="Replica i joins as '<group>-replica-i' (no rebalance on restart)")
     client_options: dict[str, Any] = Field(default_factory=dict, description="Extra kafka-python options (security, ...)")
 
 

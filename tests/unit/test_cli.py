@@ -97,3 +97,23 @@ def test_an_open_set_vocabulary_file(tmp_path, image_dir, our_checkpoint, tiny_t
     assert result.exit_code == 0, result.output
     line = json.loads(result.stdout)
     assert line["vocab"] == "mini@1" and sorted(t["tag"] for t in line["tags"]) == ["car", "cat", "dog"]
+
+
+def test_serve_without_a_checkpoint_says_how_to_get_one(monkeypatch):
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    monkeypatch.delenv("RAMPLUS_MODEL__CHECKPOINT", raising=False)
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "no checkpoint configured" in result.output and "RAMPLUS_MODEL__CHECKPOINT" in result.output
+
+
+def test_produce_refuses_a_missing_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    result = CliRunner().invoke(app, ["produce", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "nope" in result.output
