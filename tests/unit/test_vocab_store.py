@@ -1,0 +1,118 @@
+"""The Redis vocabulary store's rules, on fakeredis (the real server is in tests/integration)."""
+
+from __future__ import annotations
+
+import json
+
+import fakeredis
+import pytest
+import torch
+
+from ramplus_core import Vocabulary, VocabularyError
+from workers.vocab_store import EVENTS, VocabStore, VocabStoreError, parse_ref
+
+
+def vocab(n: int = 5, seed: int = 0, version: str = "1", ragged: bool = True) -> Vocabulary:
+    g = torch.Generator().manual_seed(seed)
+    per_tag = [torch.nn.functional.normalize(torch.randn(1 + (i % 3 if ragged else 0), 16, generator=g), dim=-1) for i in range(n)]
+    return Vocabulary.from_embeddings([f"t{i}" for i in range(n)], per_tag, thresholds=[0.5 + i / 100 for i in range(n)],
+                                      name="demo", version=version, text_encoder="test")
+
+
+@pytest.fixture
+def store() -> VocabStore:
+    return VocabStore(fakeredis.FakeRedis(), chunk_bytes=100)  # tiny chunks: many of them
+
+
+def test_a_published_version_loads_back_equal_in_fp32_and_close_in_fp16(store):
+    v = vocab()
+    assert store.publish(v, dtype="float32") == "demo@1"
+    back = store.load("demo", "1")
+    assert back.tags == v.tags and torch.equal(back.counts, v.counts)
+    assert torch.allclose(back.thresholds, v.thresholds)
+    assert torch.equal(back.embeddings, v.embeddings)
+    store.publish(v, version="2")  # fp16 by default
+    assert (store.load("demo", "2").embeddings - v.embeddings).abs().max() < 1e-3
+    assert store.show("demo", "1")["chunks"] > 1
+
+
+def test_versions_are_immutable(store):
+    store.publish(vocab())
+    with pytest.raises(VocabStoreError, match="immutable"):
+        store.publish(vocab(seed=1))
+
+
+def test_activate_rollback_and_events(store):
+    events = store.redis.pubsub()
+    events.subscribe(EVENTS)
+    events.get_message()
+    store.publish(vocab(version="1"))
+    store.publish(vocab(seed=1, version="2"))
+    assert store.active_version("demo") is None
+    store.activate("demo", "1")
+    assert store.activate("demo", "2") == "1"
+    assert store.load("demo").ref == "demo@2"
+    assert store.rollback("demo") == "1"
+    assert store.active_version("demo") == "1"
+    with pytest.raises(VocabStoreError, match="no previous"):
+        store.rollback("demo")
+    seen = []
+    while (m := events.get_message()) is not None:
+        seen.append(json.loads(m["data"]))
+    assert [(e["event"], e["version"]) for e in seen] == [
+        ("published", "1"), ("published", "2"), ("activated", "1"), ("activated", "2"), ("activated", "1"),
+    ]
+
+
+def test_only_complete_versions_can_be_activated(store):
+    with pytest.raises(VocabStoreError, match="does not exist"):
+        store.activate("demo", "9")
+
+
+def test_the_active_version_cannot_be_deleted_others_can(store):
+    store.publish(vocab(version="1"))
+    store.publish(vocab(version="2"))
+    store.activate("demo", "1")
+    with pytest.raises(VocabStoreError, match="is active"):
+        store.delete("demo", "1")
+    store.delete("demo", "2")
+    assert store.versions("demo") == ["1"]
+    assert not [k for k in store.redis.scan_iter("ramplus:vocab:demo:2:*")]
+    assert store.names() == ["demo"]
+
+
+@pytest.mark.parametrize("damage", ["bytes", "chunk", "shape"])
+def test_corrupt_versions_are_refused_with_the_reason(store, damage):
+    store.publish(vocab())
+    meta_key = "ramplus:vocab:demo:1:meta"
+    meta = json.loads(store.redis.get(meta_key))
+    chunk = f"ramplus:vocab:demo:1:{meta['upload']}:0"
+    if damage == "bytes":
+        store.redis.set(chunk, b"\x00" * len(store.redis.get(chunk)))
+        match = "checksum"
+    elif damage == "chunk":
+        store.redis.delete(chunk)
+        match = "missing"
+    else:
+        meta["shape"] = [meta["shape"][0], meta["shape"][1], 8]
+        store.redis.set(meta_key, json.dumps(meta))
+        match = "do not hold"
+    with pytest.raises(VocabularyError, match=match):
+        store.load("demo", "1")
+
+
+def test_wrong_dimension_and_nan_are_refused(store):
+    store.publish(vocab())
+    with pytest.raises(VocabularyError, match="dimension 16, the model needs 512"):
+        store.load("demo", "1", dim=512)
+    bad = vocab(version="2", ragged=False)
+    bad.embeddings[0, 0, 0] = float("nan")
+    with pytest.raises(VocabStoreError, match="not finite"):
+        store.publish(bad)
+
+
+def test_refs_parse_and_reject_separators():
+    assert parse_ref("demo") == ("demo", None)
+    assert parse_ref("demo@3") == ("demo", "3")
+    with pytest.raises(VocabStoreError, match="no ':'"):
+        parse_ref("a:b")
