@@ -23,6 +23,8 @@ from workers.metrics import ReplicaMetrics
 from workers.pipeline import StreamPipeline
 from workers.s3_sink import S3ResultSink
 from workers.settings import Settings
+from workers.vocab_store import VocabStore
+from workers.vocab_watcher import VocabularyWatcher
 
 log = structlog.get_logger("ramplus.replica")
 
@@ -68,10 +70,29 @@ class Replica:
         self.source.hooks = self.pipeline
         self.source.on_assigned = self.sink.recover
         self.stop_event = threading.Event()
+        self.watcher: VocabularyWatcher | None = None
+        if settings.redis.vocabulary:
+            self.watcher = self._watch_vocabulary(settings)
         self.log.info(
             "replica.ready", model=self.engine.model_id, vocab=self.engine.vocabulary.ref,
             device=str(self.engine.device), topic=settings.kafka.topic, group=settings.kafka.group_id,
         )
+
+    def _watch_vocabulary(self, settings: Settings) -> VocabularyWatcher:
+        import redis
+
+        client = redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        watcher = VocabularyWatcher(
+            VocabStore(client), settings.redis.vocabulary, self.engine.set_vocabulary,
+            current=lambda: self.engine.vocabulary.ref, dim=self.engine.model.config.text_dim,
+            poll_interval_s=settings.redis.poll_interval_s, metrics=self.metrics,
+        )
+        try:
+            watcher.check()  # start on the active version when Redis is there; else the model's own, until it is
+        except Exception as exc:
+            self.log.warning("vocab.initial_load_failed", error=f"{type(exc).__name__}: {exc}")
+        watcher.start()
+        return watcher
 
     def run(self) -> None:
         """Until `stop_event` is set; then drain, commit and close."""
@@ -81,6 +102,8 @@ class Replica:
             self.close()
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         for closer in (self.source.close, self.dead_letters.close, self.fetcher.close):
             try:
                 closer()

@@ -7,7 +7,7 @@ Keys (name and version may not contain ':'):
     ramplus:vocab:{name}:versions                     sorted set: version -> publish time
     ramplus:vocab:{name}:active                       the active version
     ramplus:vocab:{name}:history                      list: previously active versions, newest first (rollback)
-    channel ramplus:vocab:events                      {"event": "activated"|"published"|"deleted", "name", "version"}
+    channel ramplus:vocab:events                      {"event": "activated"|"published"|"deleted", "name", "version", "ts"}
 
 Nothing half-written is visible: chunks go first under a fresh upload id, the metadata last with SET NX (a
 version is never overwritten), and only a version whose metadata exists can be activated. Readers check
@@ -153,7 +153,7 @@ class VocabStore:
                         raise
 
     def _event(self, event: str, name: str, version: str) -> None:
-        self.redis.publish(EVENTS, json.dumps({"event": event, "name": name, "version": version}))
+        self.redis.publish(EVENTS, json.dumps({"event": event, "name": name, "version": version, "ts": time.time()}))
 
     # -- reading ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,110 @@
+"""Keeps a replica on the active version of its vocabulary: pub/sub nudges, polling as the fallback.
+
+A new version is loaded and validated on this watcher's thread, then handed to the engine, which swaps it
+between two batches (a batch in progress finishes with the vocabulary it started with). A version that
+fails validation is refused: the replica keeps the old one, logs why and counts it. Redis going away stops
+nothing: tagging goes on with the vocabulary in memory and the watcher reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from ramplus_core.errors import VocabularyError
+from ramplus_core.vocabulary import Vocabulary
+from workers.metrics import ReplicaMetrics
+from workers.vocab_store import EVENTS, VocabStore
+
+log = structlog.get_logger("ramplus.vocab")
+
+
+class VocabularyWatcher:
+    def __init__(
+        self,
+        store: VocabStore,
+        name: str,
+        apply: Callable[[Vocabulary], None],
+        *,
+        current: Callable[[], str],
+        dim: int | None = None,
+        poll_interval_s: float = 1.0,
+        metrics: ReplicaMetrics | None = None,
+    ) -> None:
+        self.store, self.name, self.apply, self.current = store, name, apply, current
+        self.dim, self.poll_interval_s = dim, poll_interval_s
+        self.metrics = metrics or ReplicaMetrics()
+        self.refused: dict[str, str] = {}  # version -> why; not retried until it is activated again
+        self._refused_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ramplus-vocab", daemon=True)
+        self._pubsub: Any = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def check(self) -> bool:
+        """Switch to the active version if it is not the one in use; True if a switch happened."""
+        version = self.store.active_version(self.name)
+        if version is None or f"{self.name}@{version}" == self.current() or version in self.refused:
+            return False
+        try:
+            vocabulary = self.store.load(self.name, version, dim=self.dim)
+            self.apply(vocabulary)
+        except VocabularyError as exc:
+            reason = "checksum" if "checksum" in str(exc) else "dimension" if "dimension" in str(exc) else "invalid"
+            self.refused[version] = str(exc)
+            self._refused_at[version] = time.time()
+            self.metrics.vocab_refused.labels(reason=reason).inc()
+            log.error("vocab.refused", vocab=f"{self.name}@{version}", reason=str(exc), keeping=self.current())
+            return False
+        self.metrics.vocab_switches.inc()
+        log.info("vocab.switched", vocab=vocabulary.ref, tags=len(vocabulary))
+        return True
+
+    def _subscribe(self) -> None:
+        if self._pubsub is None:
+            self._pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(EVENTS)
+
+    def _wait_for_event(self) -> None:
+        """Until an event about our vocabulary arrives or the poll interval passes (the fallback)."""
+        message = self._pubsub.get_message(timeout=self.poll_interval_s)
+        if message is not None:
+            try:
+                event = json.loads(message["data"])
+            except (ValueError, TypeError):
+                return
+            version = event.get("version")
+            # Activated again after we refused it (not the activation that made us refuse it): try again.
+            if event.get("event") == "activated" and version in self.refused and event.get("ts", 0) > self._refused_at[version]:
+                self.refused.pop(version)
+
+    def _run(self) -> None:
+        backoff = self.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                self._subscribe()
+                self.check()
+                self._wait_for_event()
+                backoff = self.poll_interval_s
+            except Exception as exc:  # Redis away: keep the vocabulary we have, reconnect later
+                if self._pubsub is not None:
+                    try:
+                        self._pubsub.close()
+                    except Exception:
+                        pass
+                    self._pubsub = None
+                self.metrics.errors.labels(stage="vocab").inc()
+                log.warning("vocab.redis_unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
