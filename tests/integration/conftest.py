@@ -190,3 +190,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if Path(str(item.fspath)).is_relative_to(here):
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.timeout(int(os.environ.get("RAMPLUS_INTEGRATION_TIMEOUT", "600"))))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(stack):
+    ray = pytest.importorskip("ray")
+    # Replicas inherit the driver's environment: S3 credentials go in before Ray starts its workers.
+    for key, value in stack.env.items():
+        if key.startswith("AWS_"):
+            os.environ[key] = value
+    ray.init(num_cpus=4, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}", log_to_driver=False)
+    yield ray
+    ray.shutdown()

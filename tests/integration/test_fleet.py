@@ -27,18 +27,6 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 4
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(stack):
-    ray = pytest.importorskip("ray")
-    # Replicas inherit the driver's environment: S3 credentials go in before Ray starts its workers.
-    for key, value in stack.env.items():
-        if key.startswith("AWS_"):
-            os.environ[key] = value
-    ray.init(num_cpus=4, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def make_topics(bootstrap: str, name: str) -> tuple[str, str]:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
