@@ -17,6 +17,15 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="RAM++ open-s
 weights_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: fetch and verify.")
 app.add_typer(weights_app, name="weights")
 
+
+def _vocab_app() -> typer.Typer:
+    from workers.vocab_cli import app as vocab_app
+
+    return vocab_app
+
+
+app.add_typer(_vocab_app(), name="vocab")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 

@@ -1,0 +1,171 @@
+"""`ramplus vocab ...`: build vocabularies and manage their versions in Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Vocabularies: build, publish to Redis, activate, roll back.")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+RedisUrl = Annotated[Optional[str], typer.Option(envvar="RAMPLUS_REDIS__URL", help="Default: settings redis.url.")]
+
+
+def _store(redis_url: str | None):
+    import redis
+
+    from workers.settings import Settings
+    from workers.vocab_store import VocabStore
+
+    url = redis_url or Settings.load().redis.url
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=30)
+    try:
+        client.ping()
+    except Exception as exc:
+        _fail(f"cannot reach Redis at {url.split('@')[-1]}: {type(exc).__name__}: {exc}")
+    return VocabStore(client)
+
+
+def _run(action):  # noqa: ANN001, ANN202
+    from ramplus_core import RamPlusError
+
+    try:
+        return action()
+    except (RamPlusError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def build(
+    out: Annotated[Path, typer.Argument(help="Vocabulary file to write (.safetensors).")],
+    name: Annotated[str, typer.Option(help="Vocabulary name.")],
+    version: Annotated[str, typer.Option(help="Version label.")] = "1",
+    tags: Annotated[Optional[Path], typer.Option(help="Tag list, one per line (template 'a photo of a {tag}.').")] = None,
+    descriptions: Annotated[Optional[Path], typer.Option(help="Descriptions JSON: a list of {tag: [descriptions]}.")] = None,
+    llm: Annotated[bool, typer.Option(help="Ask the LLM (RAMPLUS_LLM_*) for descriptions of --tags.")] = False,
+    text_encoder: Annotated[str, typer.Option(help="open_clip model.")] = "ViT-B-16",
+    text_weights: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_TEXT_ENCODER_WEIGHTS", help="'openai' or a local weights file; 'none' = random (tests only).")] = "openai",
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.68,
+) -> None:
+    """Embed tags and/or descriptions with the CLIP text encoder into a vocabulary file."""
+    from ramplus_core import Vocabulary
+    from ramplus_core.descriptions import from_settings, load_descriptions
+    from ramplus_core.text_encoder import TextEncoder
+    from ramplus_core.vocabulary import TAG_TEMPLATE, read_tag_list
+
+    if tags is None and descriptions is None:
+        _fail("give --tags, --descriptions or both")
+
+    def make() -> Vocabulary:
+        weights = None if text_weights in (None, "none") else text_weights
+        encoder = TextEncoder(text_encoder, weights)
+        encoder_id = f"{text_encoder}/{weights or 'random'}"
+        items = load_descriptions(descriptions) if descriptions else []
+        known = {next(iter(item)) for item in items}
+        missing = [t for t in read_tag_list(tags) if t not in known] if tags is not None else []
+        if missing and llm:
+            items += from_settings().describe_many(missing, progress=True)
+        elif missing:  # bare tags: the template alone, as the official open-set path does without descriptions
+            items += [{t: [TAG_TEMPLATE.format(tag=t)]} for t in missing]
+        return Vocabulary.from_descriptions(
+            items, encoder.encode, text_encoder=encoder_id, name=name, version=version, thresholds=threshold
+        )
+
+    vocabulary = _run(make)
+    vocabulary.save(out)
+    typer.echo(f"wrote {vocabulary.ref}: {len(vocabulary)} tags to {out}")
+
+
+@app.command()
+def publish(
+    path: Annotated[Path, typer.Argument(help="Vocabulary file (.safetensors).")],
+    name: Annotated[Optional[str], typer.Option(help="Default: the file's name.")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Default: the file's version.")] = None,
+    dtype: Annotated[str, typer.Option(help="float16 (default, half the memory) or float32.")] = "float16",
+    activate: Annotated[bool, typer.Option(help="Also make it the active version.")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Store a new immutable version (never an overwrite)."""
+    from ramplus_core import Vocabulary
+
+    store = _store(redis_url)
+    vocabulary = _run(lambda: Vocabulary.load(path))
+    ref = _run(lambda: store.publish(vocabulary, name=name, version=version, dtype=dtype))
+    typer.echo(f"published {ref}")
+    if activate:
+        n, v = ref.split("@")
+        _run(lambda: store.activate(n, v))
+        typer.echo(f"activated {ref}")
+
+
+@app.command()
+def activate(name: str, version: str, redis_url: RedisUrl = None) -> None:
+    """Make NAME@VERSION the active version; every replica following NAME switches between two batches."""
+    store = _store(redis_url)
+    previous = _run(lambda: store.activate(name, version))
+    typer.echo(f"activated {name}@{version}" + (f" (was {previous})" if previous else ""))
+
+
+@app.command()
+def rollback(name: str, redis_url: RedisUrl = None) -> None:
+    """Re-activate the previously active version."""
+    store = _store(redis_url)
+    version = _run(lambda: store.rollback(name))
+    typer.echo(f"rolled back {name} to {version}")
+
+
+@app.command("list")
+def list_(name: Annotated[Optional[str], typer.Argument()] = None, redis_url: RedisUrl = None) -> None:
+    """Vocabulary names, or NAME's versions (* = active)."""
+    store = _store(redis_url)
+    if name is None:
+        for n in store.names():
+            typer.echo(f"{n}\tactive={store.active_version(n) or '-'}\tversions={len(store.versions(n))}")
+        return
+    active = store.active_version(name)
+    for v in store.versions(name):
+        typer.echo(("* " if v == active else "  ") + f"{name}@{v}")
+
+
+@app.command()
+def show(name: str, version: Annotated[Optional[str], typer.Argument()] = None, redis_url: RedisUrl = None) -> None:
+    """A version's metadata as JSON (default: the active version)."""
+    store = _store(redis_url)
+    info = _run(lambda: store.show(name, version))
+    info["metadata"] = {k: v for k, v in info["metadata"].items() if k != "tags"} | {"num_tags": len(info["metadata"]["tags"])}
+    typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@app.command()
+def delete(name: str, version: str, redis_url: RedisUrl = None) -> None:
+    """Delete an inactive version."""
+    store = _store(redis_url)
+    _run(lambda: store.delete(name, version))
+    typer.echo(f"deleted {name}@{version}")
+
+
+@app.command("import-official")
+def import_official(
+    checkpoint: Annotated[Path, typer.Argument(help="Official ram_plus_swin_large_14m.pth.")],
+    tag_list: Annotated[Path, typer.Option(help="ram_tag_list.txt")],
+    thresholds: Annotated[Optional[Path], typer.Option(help="ram_tag_list_threshold.txt")] = None,
+    name: str = "ram-official",
+    version: str = "1",
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling of a checkpoint you trust.")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Publish the official closed-set vocabulary (the checkpoint's label_embed + tag and threshold files)."""
+    from ramplus_core import import_official_vocabulary
+
+    store = _store(redis_url)
+    vocabulary = _run(lambda: import_official_vocabulary(checkpoint, tag_list, thresholds, trust_pickle=trust_checkpoint))
+    ref = _run(lambda: store.publish(vocabulary, name=name, version=version))
+    typer.echo(f"published {ref}: {len(vocabulary)} tags")
