@@ -109,7 +109,7 @@ class StreamPipeline:
         self.max_in_flight = max_in_flight
         self.drain_timeout_s, self.retry_wait_s = drain_timeout_s, retry_wait_s
         self.metrics = metrics or ReplicaMetrics()
-        self.vocab_ok = vocab_ok or (lambda ref: True)
+        self.vocab_ok = vocab_ok or self._serves
         self.tracker = OffsetTracker()
         self._pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="ramplus-fetch")
         self._ready: queue.Queue[Prepared] = queue.Queue()
@@ -208,6 +208,17 @@ class StreamPipeline:
     def forget(self, tps: list[TopicPartition]) -> None:
         self.tracker.forget(tps)
 
+    def _serves(self, ref: str) -> bool:
+        """A request may name `name` or `name@version`: it must be what this replica tags with right now.
+
+        (Serving several vocabularies side by side, from an LRU of loaded ones, is not built yet: such a
+        request goes to the dead-letter topic rather than being tagged with a vocabulary it did not ask for.)
+        """
+        active = getattr(getattr(self.engine, "vocabulary", None), "ref", None)
+        if active is None:
+            return False
+        return ref == active or ("@" not in ref and active.split("@", 1)[0] == ref)
+
     # -- fetch + decode threads ---------------------------------------------------------------------------
 
     def _prepare(self, record: Record, polled_at: float, epoch: int) -> None:
@@ -215,7 +226,8 @@ class StreamPipeline:
         try:
             request = TagRequest.parse(record.value)
             if request.vocab is not None and not self.vocab_ok(request.vocab):
-                raise InputError(ErrorKind.VALIDATION, f"unknown vocabulary {request.vocab!r}")
+                active = getattr(getattr(self.engine, "vocabulary", None), "ref", "?")
+                raise InputError(ErrorKind.VALIDATION, f"vocabulary {request.vocab!r} is not served here (active: {active})")
             data = self.fetcher.fetch(request.uri)
             pixels = self.engine.decode(data, request.uri)
         except InputError as exc:

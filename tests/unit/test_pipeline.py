@@ -183,3 +183,17 @@ def test_fast_path_scores_stay_close_to_the_exact_path(images):
         assert f.keys() == e.keys()
         assert max(abs(f[k] - e[k]) for k in f) < 0.05
     assert torch.is_tensor(engine_fast.decode(objects[requests[0].uri], "x"))
+
+
+def test_a_request_naming_another_vocabulary_is_dead_lettered_not_mistagged(images):
+    objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
+    items = [
+        TagRequest(id="same-name", uri="s3://b/0.jpg", vocab="tiny-vocab"),
+        TagRequest(id="same-version", uri="s3://b/0.jpg", vocab="tiny-vocab@1"),
+        TagRequest(id="other-version", uri="s3://b/0.jpg", vocab="tiny-vocab@2"),
+        TagRequest(id="other-name", uri="s3://b/0.jpg", vocab="products"),
+    ]
+    _, sink, dead, _ = run_pipeline(items, objects)
+    assert sorted(r.id for r in sink.results) == ["same-name", "same-version"]
+    assert {d.id: d.error.kind for d in dead.letters} == {"other-version": ErrorKind.VALIDATION, "other-name": ErrorKind.VALIDATION}
+    assert all("not served here (active: tiny-vocab@1)" in d.error.message for d in dead.letters)
