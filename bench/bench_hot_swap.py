@@ -10,7 +10,6 @@ A producer keeps a stream flowing (about 40 requests/s) through Kafka -> replica
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
