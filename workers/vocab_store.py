@@ -207,8 +207,11 @@ class VocabStore:
             raise VocabularyError(f"{name}@{version}: embeddings contain NaN or infinity")
         md = meta["metadata"]
         counts = meta["counts"]
-        per_tag = [torch.from_numpy(array[i, : counts[i]].astype(np.float32)) for i in range(shape[0])]
+        if all(c == shape[1] for c in counts):  # the common case: one [C, D, K] tensor, no per-tag copies
+            embeddings: Any = torch.from_numpy(array.astype(np.float32))
+        else:
+            embeddings = [torch.from_numpy(array[i, : counts[i]].astype(np.float32)) for i in range(shape[0])]
         return Vocabulary.from_embeddings(
-            md["tags"], per_tag, thresholds=meta["thresholds"], name=name, version=version,
+            md["tags"], embeddings, thresholds=meta["thresholds"], name=name, version=version,
             text_encoder=md.get("text_encoder", "unknown"), source=md.get("source", "redis"),
         )
