@@ -85,3 +85,41 @@ def test_activate_switches_every_replica_mid_stream_and_results_match_their_vers
         want = expected[(r["vocab"], r["uri"].split("/", 3)[3])]
         assert [t["tag"] for t in r["tags"]] == want.names
         assert [t["score"] for t in r["tags"]] == pytest.approx([t.score for t in want.tags], abs=1e-5)
+
+
+def test_a_corrupt_version_is_refused_and_rollback_works_live(stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket):
+    name = f"rb-{uuid.uuid4().hex[:8]}"
+    store = VocabStore(redis.Redis.from_url(stack.redis_url))
+    for version, seed in (("1", 1), ("2", 2), ("3", 3)):
+        store.publish(make_vocab(name, version, seed, 8))
+    store.activate(name, "1")
+    meta = json.loads(store.redis.get(f"ramplus:vocab:{name}:3:meta"))
+    store.redis.set(f"ramplus:vocab:{name}:3:{meta['upload']}:0", b"\x00" * meta["bytes"])  # flipped bytes
+
+    topic, _ = make_topics(stack.kafka_bootstrap, f"rb-{uuid.uuid4().hex[:8]}")
+    s3_client.put_object(Bucket=s3_bucket, Key="img/0.jpg", Body=jpeg_bytes(random_images(1, seed=9)[0]))
+    settings = fleet_settings(stack, tiny_model_dir, s3_bucket, topic)
+    settings.redis.url, settings.redis.vocabulary, settings.redis.poll_interval_s = stack.redis_url, name, 0.5
+    fleet = Fleet(settings)
+    fleet.start()
+
+    def vocabs() -> set[str]:
+        return {s.get("vocab") for s in fleet.stats()}
+
+    try:
+        assert wait_until(lambda: vocabs() == {f"{name}@1"}, 30)
+        store.activate(name, "2")
+        assert wait_until(lambda: vocabs() == {f"{name}@2"}, 30)
+        store.rollback(name)
+        assert wait_until(lambda: vocabs() == {f"{name}@1"}, 30)
+        store.activate(name, "3")  # corrupt: refused by every replica, tagging goes on with version 1
+        time.sleep(3)
+        assert vocabs() == {f"{name}@1"}
+        publish(stack.kafka_bootstrap, topic, [request(f"x{i}", f"s3://{s3_bucket}/img/0.jpg") for i in range(20)])
+        assert wait_until(lambda: sum(s.get("tagged", 0) for s in fleet.stats()) >= 20, 60)
+        rows = all_results(s3_client, s3_bucket)
+    finally:
+        fleet.stop()
+        for key in store.redis.scan_iter(match=f"ramplus:vocab:{name}:*"):
+            store.redis.delete(key)
+    assert len(rows) == 20 and {r["vocab"] for r in rows} == {f"{name}@1"}
