@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlparse
 import typer
 
 from workers.logs import configure_logging
+from workers.producer import IMAGE_SUFFIXES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="RAM++ open-set image tagging.")
 weights_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: fetch and verify.")
@@ -26,7 +27,6 @@ def _vocab_app() -> typer.Typer:
 
 app.add_typer(_vocab_app(), name="vocab")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def _fail(message: str, code: int = 2) -> None:

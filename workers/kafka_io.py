@@ -21,6 +21,9 @@ from workers.schemas import DeadLetter
 from workers.settings import KafkaSettings
 
 log = structlog.get_logger("ramplus.kafka")
+# Offset lookups run on the polling thread: with the broker away they must fail fast (and be retried at
+# the next poll) rather than hold the loop for kafka-python's default request timeout of minutes.
+LOOKUP_TIMEOUT_MS = 5_000
 
 
 class PartitionHooks(Protocol):
@@ -151,8 +154,10 @@ class KafkaSource:
         self._recovering &= assigned
         for tp in sorted(self._recovering):
             try:
-                committed = self.consumer.committed(_tp(tp))
-                start = committed if committed is not None else self.consumer.beginning_offsets([_tp(tp)])[_tp(tp)]
+                committed = self.consumer.committed(_tp(tp), timeout_ms=LOOKUP_TIMEOUT_MS)
+                start = committed if committed is not None else (
+                    self.consumer.beginning_offsets([_tp(tp)], timeout_ms=LOOKUP_TIMEOUT_MS)[_tp(tp)]
+                )
                 self.on_assigned(tp, start)
             except Exception as exc:  # Kafka or S3 away: the partition stays paused, we try again next poll
                 log.warning("partition.recovery_failed", partition=tp[1], error=f"{type(exc).__name__}: {exc}")
@@ -168,9 +173,9 @@ class KafkaSource:
         if not assigned:
             return
         try:
-            ends = self.consumer.end_offsets(assigned)
+            ends = self.consumer.end_offsets(assigned, timeout_ms=1_000)
             for tp in assigned:
-                position = self.consumer.committed(tp)
+                position = self.consumer.committed(tp, timeout_ms=1_000)
                 if position is None:
                     continue
                 self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, ends[tp] - position))
