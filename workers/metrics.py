@@ -33,6 +33,11 @@ class ReplicaMetrics:
         self.lag = Gauge("ramplus_partition_lag", "Records behind the end of the partition", ["topic", "partition"], registry=r)
         self.vocab_switches = Counter("ramplus_vocab_switches", "Vocabulary versions switched to", registry=r)
         self.vocab_refused = Counter("ramplus_vocab_refused", "Vocabulary versions refused", ["reason"], registry=r)
+        self.vocab_cache = Counter(
+            "ramplus_vocab_cache", "Lookups of vocabularies named by requests (hit/loaded/refused/unavailable/evicted)",
+            ["outcome"], registry=r,
+        )
+        self.vocab_cache_size = Gauge("ramplus_vocab_cache_size", "Vocabularies kept loaded besides the active one", registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 import torch
@@ -67,7 +67,8 @@ class Engine(Protocol):
     model_id: str
 
     def decode(self, data: bytes, name: str) -> torch.Tensor: ...
-    def infer(self, pixels: list[torch.Tensor]) -> list[ImageTags]: ...
+    def vocabulary_for(self, ref: str) -> Any: ...
+    def infer(self, pixels: list[torch.Tensor], vocabularies: list[Any] | None = None) -> list[ImageTags]: ...
 
 
 @dataclass(slots=True)
@@ -77,6 +78,7 @@ class Prepared:
     pixels: torch.Tensor
     polled_at: float
     epoch: int
+    vocab: Any = None  # what the engine's vocabulary_for gave; None: the active vocabulary at batch time
 
 
 class PipelineStopped(Exception):
@@ -100,7 +102,6 @@ class StreamPipeline:
         drain_timeout_s: float = 60.0,
         retry_wait_s: float = 0.5,
         metrics: ReplicaMetrics | None = None,
-        vocab_ok: Callable[[str], bool] | None = None,
     ) -> None:
         self.source, self.sink, self.dead_letters = source, sink, dead_letters
         self.engine, self.fetcher = engine, fetcher
@@ -109,7 +110,6 @@ class StreamPipeline:
         self.max_in_flight = max_in_flight
         self.drain_timeout_s, self.retry_wait_s = drain_timeout_s, retry_wait_s
         self.metrics = metrics or ReplicaMetrics()
-        self.vocab_ok = vocab_ok or self._serves
         self.tracker = OffsetTracker()
         self._pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="ramplus-fetch")
         self._ready: queue.Queue[Prepared] = queue.Queue()
@@ -208,26 +208,14 @@ class StreamPipeline:
     def forget(self, tps: list[TopicPartition]) -> None:
         self.tracker.forget(tps)
 
-    def _serves(self, ref: str) -> bool:
-        """A request may name `name` or `name@version`: it must be what this replica tags with right now.
-
-        (Serving several vocabularies side by side, from an LRU of loaded ones, is not built yet: such a
-        request goes to the dead-letter topic rather than being tagged with a vocabulary it did not ask for.)
-        """
-        active = getattr(getattr(self.engine, "vocabulary", None), "ref", None)
-        if active is None:
-            return False
-        return ref == active or ("@" not in ref and active.split("@", 1)[0] == ref)
-
     # -- fetch + decode threads ---------------------------------------------------------------------------
 
     def _prepare(self, record: Record, polled_at: float, epoch: int) -> None:
         request: TagRequest | None = None
         try:
             request = TagRequest.parse(record.value)
-            if request.vocab is not None and not self.vocab_ok(request.vocab):
-                active = getattr(getattr(self.engine, "vocabulary", None), "ref", "?")
-                raise InputError(ErrorKind.VALIDATION, f"vocabulary {request.vocab!r} is not served here (active: {active})")
+            # Before the fetch: a request for a vocabulary that cannot be served costs no download.
+            vocab = self.engine.vocabulary_for(request.vocab) if request.vocab is not None else None
             data = self.fetcher.fetch(request.uri)
             pixels = self.engine.decode(data, request.uri)
         except InputError as exc:
@@ -237,7 +225,7 @@ class StreamPipeline:
             log.exception("prepare.internal_error", offset=record.offset, partition=record.partition)
             self._dead_letter(record, InputError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), request, epoch)
             return
-        self._ready.put(Prepared(record, request, pixels, polled_at, epoch))
+        self._ready.put(Prepared(record, request, pixels, polled_at, epoch, vocab))
 
     def _dead_letter(self, record: Record, error: InputError, request: TagRequest | None, epoch: int) -> None:
         letter = DeadLetter.build(record.value, error, record.source, self.worker, request.id if request else None)
@@ -291,7 +279,7 @@ class StreamPipeline:
                 if batch is None:
                     continue
                 started = time.monotonic()
-                tags = self.engine.infer([p.pixels for p in batch])
+                tags = self.engine.infer([p.pixels for p in batch], [p.vocab for p in batch])
                 self.metrics.batch_size.observe(len(batch))
                 self.metrics.batch_seconds.observe(time.monotonic() - started)
                 self.stats["batches"] += 1

@@ -13,6 +13,7 @@ import socket
 import threading
 from typing import Any
 
+import redis
 import structlog
 
 from ramplus_core import RamPlus, load_checkpoint
@@ -49,9 +50,14 @@ class Replica:
         self.metrics = ReplicaMetrics()
         self.log = log.bind(replica=index)
         f, fleet = settings.fetch, settings.fleet
+        # The client connects on first use: a fleet that never names a vocabulary never talks to Redis.
+        self.vocab_store = VocabStore(redis.Redis.from_url(
+            settings.redis.url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10,
+        ))
         self.engine = TaggingEngine(
             model or load_model(settings), device=settings.model.device, precision=settings.model.precision,
             fast=settings.model.fast_preprocess, max_bytes=f.max_bytes, max_pixels=f.max_pixels,
+            vocab_store=self.vocab_store, vocab_cache_size=settings.redis.cache_size, metrics=self.metrics,
         )
         self.fetcher = UriFetcher(f, settings.s3)
         window = 4 * (fleet.max_in_flight + settings.kafka.max_poll_records) + 1000
@@ -79,13 +85,11 @@ class Replica:
         )
 
     def _watch_vocabulary(self, settings: Settings) -> VocabularyWatcher:
-        import redis
-
-        client = redis.Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        assert settings.redis.vocabulary is not None
         watcher = VocabularyWatcher(
-            VocabStore(client), settings.redis.vocabulary, self.engine.set_vocabulary,
+            self.vocab_store, settings.redis.vocabulary, self.engine.set_vocabulary,
             current=lambda: self.engine.vocabulary.ref, dim=self.engine.model.config.text_dim,
-            poll_interval_s=settings.redis.poll_interval_s, metrics=self.metrics,
+            poll_interval_s=settings.redis.poll_interval_s, metrics=self.metrics, cached=self.engine.cache.peek,
         )
         try:
             watcher.check()  # start on the active version when Redis is there; else the model's own, until it is
@@ -104,7 +108,7 @@ class Replica:
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
-        for closer in (self.source.close, self.dead_letters.close, self.fetcher.close):
+        for closer in (self.source.close, self.dead_letters.close, self.fetcher.close, self.vocab_store.redis.close):
             try:
                 closer()
             except Exception as exc:
@@ -113,7 +117,7 @@ class Replica:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "replica": self.index, "name": self.name, "vocab": self.engine.vocabulary.ref,
+            "replica": self.index, "name": self.name, "vocab": self.engine.vocabulary.ref, "cached_vocabs": self.engine.cache.refs(),
             "in_flight": self.pipeline.tracker.in_flight(), **self.pipeline.stats,
         }
 

@@ -31,7 +31,10 @@ class TagRequest(BaseModel):
 
     id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="The producer's id; results carry it back.")
     uri: str = Field(min_length=1, max_length=4096, description="s3://bucket/key, https://host/path or file:///path")
-    vocab: str | None = Field(default=None, description="name or name@version; default: the replica's active one")
+    vocab: str | None = Field(
+        default=None, pattern=r"^[^:@]{1,200}(@[^:@]{1,200})?$",
+        description="name or name@version; default: the replica's active one",
+    )
     meta: dict[str, Any] | None = Field(default=None, description="Copied into the result untouched.")
 
     @field_validator("uri")

@@ -48,6 +48,7 @@ class RedisSettings(BaseModel):
     url: str = Field("redis://127.0.0.1:16379/0", description="Vocabulary store")
     vocabulary: str | None = Field(None, description="Follow this vocabulary's active version (None: the model's own)")
     poll_interval_s: float = Field(1.0, gt=0, description="Fallback check of the active version when no event comes")
+    cache_size: int = Field(4, ge=1, description="Vocabularies kept loaded for requests that name one besides the active")
 
 
 class FetchSettings(BaseModel):

@@ -29,14 +29,16 @@ class VocabularyWatcher:
         self,
         store: VocabStore,
         name: str,
-        apply: Callable[[Vocabulary], None],
+        apply: Callable[[Any], None],
         *,
         current: Callable[[], str],
         dim: int | None = None,
         poll_interval_s: float = 1.0,
         metrics: ReplicaMetrics | None = None,
+        cached: Callable[[str], Any] | None = None,
     ) -> None:
         self.store, self.name, self.apply, self.current = store, name, apply, current
+        self.cached = cached  # 'name@version' -> an already loaded version (requests named it), or None
         self.dim, self.poll_interval_s = dim, poll_interval_s
         self.metrics = metrics or ReplicaMetrics()
         self.refused: dict[str, str] = {}  # version -> why; not retried until it is activated again
@@ -57,9 +59,11 @@ class VocabularyWatcher:
         version = self.store.active_version(self.name)
         if version is None or f"{self.name}@{version}" == self.current() or version in self.refused:
             return False
+        ref = f"{self.name}@{version}"
         try:
-            vocabulary = self.store.load(self.name, version, dim=self.dim)
-            self.apply(vocabulary)
+            loaded = self.cached(ref) if self.cached is not None else None
+            vocabulary: Vocabulary = loaded.vocabulary if loaded is not None else self.store.load(self.name, version, dim=self.dim)
+            self.apply(loaded if loaded is not None else vocabulary)
         except VocabularyError as exc:
             reason = "checksum" if "checksum" in str(exc) else "dimension" if "dimension" in str(exc) else "invalid"
             self.refused[version] = str(exc)
@@ -68,7 +72,7 @@ class VocabularyWatcher:
             log.error("vocab.refused", vocab=f"{self.name}@{version}", reason=str(exc), keeping=self.current())
             return False
         self.metrics.vocab_switches.inc()
-        log.info("vocab.switched", vocab=vocabulary.ref, tags=len(vocabulary))
+        log.info("vocab.switched", vocab=vocabulary.ref, tags=len(vocabulary), from_cache=loaded is not None)
         return True
 
     def _subscribe(self) -> None:

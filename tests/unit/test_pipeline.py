@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import threading
 
+import fakeredis
 import pytest
 import torch
 
 from helpers import jpeg_bytes, make_tiny_model, random_images
-from ramplus_core import preprocess, select_tags
+from ramplus_core import Vocabulary, preprocess, select_tags
 from workers.engine import TaggingEngine
 from workers.errors import ErrorKind, InputError
 from workers.local_io import LocalSource, MemoryDeadLetters, MemorySink
 from workers.pipeline import StreamPipeline
 from workers.schemas import DeadLetter, SourceRef, TagRequest
+from workers.vocab_store import VocabStore
 
 
 class DictFetcher:
@@ -28,11 +30,11 @@ class DictFetcher:
         return self.objects[uri]
 
 
-def run_pipeline(items, objects, *, fast=True, batch_size=4, max_in_flight=64, sink=None, dead=None, **kw):
+def run_pipeline(items, objects, *, fast=True, batch_size=4, max_in_flight=64, sink=None, dead=None, vocab_store=None, **kw):
     source = LocalSource(items, max_poll_records=8)
     sink = sink or MemorySink()
     dead = dead or MemoryDeadLetters()
-    engine = TaggingEngine(make_tiny_model(), device="cpu", fast=fast)
+    engine = TaggingEngine(make_tiny_model(), device="cpu", fast=fast, vocab_store=vocab_store)
     pipeline = StreamPipeline(
         source, sink, dead, engine, DictFetcher(objects), worker="test", batch_size=batch_size,
         max_batch_wait_s=0.01, max_in_flight=max_in_flight, fetch_concurrency=3, **kw,
@@ -185,15 +187,29 @@ def test_fast_path_scores_stay_close_to_the_exact_path(images):
     assert torch.is_tensor(engine_fast.decode(objects[requests[0].uri], "x"))
 
 
-def test_a_request_naming_another_vocabulary_is_dead_lettered_not_mistagged(images):
+def test_requests_naming_vocabularies_get_theirs_and_unservable_ones_are_dead_lettered(images):
+    store = VocabStore(fakeredis.FakeRedis())
+    store.publish(Vocabulary.from_embeddings(
+        [f"p{i}" for i in range(7)], torch.nn.functional.normalize(torch.randn(7, 3, 512), dim=-1),
+        thresholds=0.0, name="products", version="3",
+    ))
+    store.activate("products", "3")
     objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
     items = [
         TagRequest(id="same-name", uri="s3://b/0.jpg", vocab="tiny-vocab"),
         TagRequest(id="same-version", uri="s3://b/0.jpg", vocab="tiny-vocab@1"),
-        TagRequest(id="other-version", uri="s3://b/0.jpg", vocab="tiny-vocab@2"),
         TagRequest(id="other-name", uri="s3://b/0.jpg", vocab="products"),
+        TagRequest(id="other-pinned", uri="s3://b/0.jpg", vocab="products@3"),
+        TagRequest(id="unknown-version", uri="s3://b/0.jpg", vocab="tiny-vocab@2"),
+        TagRequest(id="unknown-name", uri="s3://b/0.jpg", vocab="nothing"),
+        b'{"id": "bad-ref", "uri": "s3://b/0.jpg", "vocab": "a@b@c"}',
     ]
-    _, sink, dead, _ = run_pipeline(items, objects)
-    assert sorted(r.id for r in sink.results) == ["same-name", "same-version"]
-    assert {d.id: d.error.kind for d in dead.letters} == {"other-version": ErrorKind.VALIDATION, "other-name": ErrorKind.VALIDATION}
-    assert all("not served here (active: tiny-vocab@1)" in d.error.message for d in dead.letters)
+    _, sink, dead, pipeline = run_pipeline(items, objects, vocab_store=store)
+    assert {r.id: r.vocab for r in sink.results} == {
+        "same-name": "tiny-vocab@1", "same-version": "tiny-vocab@1", "other-name": "products@3", "other-pinned": "products@3",
+    }
+    assert all(len(r.tags) == 7 for r in sink.results if r.vocab == "products@3")  # thresholds 0: every tag
+    kinds = {d.id: d.error.kind for d in dead.letters}  # a request that does not validate has no id to give
+    assert kinds == {"unknown-version": ErrorKind.VALIDATION, "unknown-name": ErrorKind.VALIDATION, None: ErrorKind.VALIDATION}
+    assert [d.error.message.split(":")[1].strip() for d in dead.letters if d.id is None] == ["vocab"]
+    assert pipeline.engine.cache.refs() == ["products@3"]
