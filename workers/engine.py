@@ -54,6 +54,7 @@ class TaggingEngine:
         top_k: int | None = None,
         vocab_store: VocabularySource | None = None,
         vocab_cache_size: int = 4,
+        vocab_resolve_ttl_s: float = 1.0,
         metrics: ReplicaMetrics | None = None,
     ) -> None:
         if model.vocabulary is None:
@@ -71,7 +72,7 @@ class TaggingEngine:
         self._vocab_lock = threading.Lock()
         # Without a store it still keeps the versions it switched away from (for requests pinned to them).
         self.cache = VocabularyCache(
-            self.prepare_vocabulary, capacity=vocab_cache_size, metrics=metrics,
+            self.prepare_vocabulary, capacity=vocab_cache_size, resolve_ttl_s=vocab_resolve_ttl_s, metrics=metrics,
             load=vocab_store.load if vocab_store is not None else None,
             active_version=vocab_store.active_version if vocab_store is not None else None,
         )

@@ -580,7 +580,9 @@ def _prepare_redis(config: StackConfig) -> list[str]:
     return [
         _redis_server() or "redis-server",
         "--port", str(config.redis_port), "--bind", HOST, "--protected-mode", "yes",
-        "--save", "", "--appendonly", "no", "--daemonize", "no",
+        # Vocabulary versions are state ops rely on: an append-only file keeps them across a restart
+        # (fsync once a second, the usual production trade-off); no RDB snapshots on top.
+        "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
         "--dir", str(data), "--logfile", str(config.log_file("redis")),
     ]
 

@@ -10,10 +10,11 @@ import uuid
 import pytest
 import redis
 import torch
+from kafka import KafkaProducer
 
 from helpers import jpeg_bytes, random_images
 from ramplus_core import Vocabulary, load_checkpoint
-from integration.test_fleet import fleet_settings, make_topics, publish, request, wait_until
+from integration.test_fleet import PARTITIONS, dead_letters, fleet_settings, make_topics, publish, request, wait_until
 from workers.engine import TaggingEngine
 from workers.fleet import Fleet
 from workers.vocab_store import VocabStore
@@ -123,3 +124,111 @@ def test_a_corrupt_version_is_refused_and_rollback_works_live(stack, ray_cluster
         for key in store.redis.scan_iter(match=f"ramplus:vocab:{name}:*"):
             store.redis.delete(key)
     assert len(rows) == 20 and {r["vocab"] for r in rows} == {f"{name}@1"}
+
+
+def publish_everywhere(bootstrap: str, topic: str, payloads: list[tuple[str, bytes]]) -> None:
+    """Round-robin over every partition, so that every replica (whatever it owns) sees some of them."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=10)
+    for n, (key, value) in enumerate(payloads):
+        producer.send(topic, key=key.encode(), value=value, partition=n % PARTITIONS)
+    producer.flush()
+    producer.close()
+
+
+def vocab_request(id_: str, uri: str, vocab: str | None) -> tuple[str, bytes]:
+    return id_, json.dumps({"id": id_, "uri": uri, **({"vocab": vocab} if vocab else {})}).encode()
+
+
+def test_redis_away_for_30_s_mid_stream_tagging_goes_on_and_a_switch_works_after(
+    stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket
+):
+    name, other = f"ro-{uuid.uuid4().hex[:8]}", f"ro-other-{uuid.uuid4().hex[:8]}"
+    store = VocabStore(redis.Redis.from_url(stack.redis_url))
+    vocabs = {v.ref: v for v in (make_vocab(name, "1", 1, 10), make_vocab(name, "2", 2, 14), make_vocab(name, "3", 3, 9),
+                                  make_vocab(other, "1", 4, 11))}
+    for v in vocabs.values():
+        store.publish(v)
+    store.activate(name, "1")
+    store.activate(other, "1")
+
+    topic, dlq = make_topics(stack.kafka_bootstrap, f"ro-{uuid.uuid4().hex[:8]}")
+    images = {f"img/{i}.jpg": jpeg_bytes(im) for i, im in enumerate(random_images(8, seed=6, size=(72, 96)))}
+    for key, data in images.items():
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=data)
+    uris = [f"s3://{s3_bucket}/{k}" for k in images]
+    # What each phase asks for: the active one, a pinned version, another vocabulary by name.
+    asks = [None, f"{name}@1", other]
+    wanted: dict[str, str | None] = {}  # id -> the vocabulary its result must name (None: a dead letter)
+
+    def phase(prefix: str, n: int, active: str, extra: list[tuple[str | None, str | None]] = ()) -> list[tuple[str, bytes]]:
+        out = []
+        for i in range(n):
+            ask = asks[i % len(asks)]
+            id_ = f"{prefix}{i:04d}"
+            wanted[id_] = {None: active, other: f"{other}@1"}.get(ask, ask)
+            out.append(vocab_request(id_, uris[i % len(uris)], ask))
+        for i, (ask, expect) in enumerate(extra):
+            wanted[f"{prefix}x{i}"] = expect
+            out.append(vocab_request(f"{prefix}x{i}", uris[0], ask))
+        return out
+
+    settings = fleet_settings(stack, tiny_model_dir, s3_bucket, topic)
+    settings.redis.url, settings.redis.vocabulary, settings.redis.poll_interval_s = stack.redis_url, name, 0.5
+    fleet = Fleet(settings)
+    fleet.start()
+
+    def tagged() -> int:
+        return sum(s.get("tagged", 0) for s in fleet.stats())
+
+    try:
+        assert wait_until(lambda: {s.get("vocab") for s in fleet.stats()} == {f"{name}@1"}, 60)
+        publish_everywhere(stack.kafka_bootstrap, topic, phase("a", 120, f"{name}@1"))
+        assert wait_until(lambda: tagged() >= 120, 120)
+
+        stack.stop("redis")
+        outage_started = time.monotonic()
+        before = tagged()
+        # While Redis is away: loaded versions keep serving; one never loaded cannot be (a `fetch` dead letter).
+        for k in range(3):
+            publish_everywhere(stack.kafka_bootstrap, topic, phase(f"b{k}", 60, f"{name}@1", [(f"{name}@2", None)]))
+            time.sleep(5)
+        assert wait_until(lambda: tagged() >= before + 180, 60)
+        during_outage = tagged() - before
+        assert time.monotonic() - outage_started < 30, "the stream must be tagged while Redis is still away"
+        time.sleep(max(0.0, 30 - (time.monotonic() - outage_started)))
+        stack.start("redis")
+
+        assert store.versions(name) == ["1", "2", "3"]  # persisted: the store survives a restart
+        store.activate(name, "3")
+        assert wait_until(lambda: {s.get("vocab") for s in fleet.stats()} == {f"{name}@3"}, 30)
+        publish_everywhere(stack.kafka_bootstrap, topic, phase("c", 60, f"{name}@3", [(f"{name}@2", f"{name}@2")]))
+        assert wait_until(lambda: tagged() >= before + 180 + 61, 120)
+        time.sleep(1)
+        rows = all_results(s3_client, s3_bucket)
+        letters = dead_letters(stack.kafka_bootstrap, dlq, expected=3)
+    finally:
+        fleet.stop()
+        if not stack.is_ready("redis"):  # failed mid-outage: the next tests need it
+            stack.start("redis")
+        for key in store.redis.scan_iter(match="ramplus:vocab:ro-*"):
+            store.redis.delete(key)
+
+    assert during_outage >= 180
+    assert sorted({d["id"] for d in letters}) == sorted(i for i, v in wanted.items() if v is None)
+    assert {d["error"]["kind"] for d in letters} == {"fetch"}
+    assert all("store unavailable" in d["error"]["message"] for d in letters)
+    counts = collections.Counter(r["id"] for r in rows)
+    assert set(counts.values()) == {1}
+    assert {r["id"]: r["vocab"] for r in rows} == {i: v for i, v in wanted.items() if v is not None}
+
+    # every result agrees with the model run offline with the version it names
+    engine = TaggingEngine(load_checkpoint(tiny_model_dir), device="cpu")
+    expected = {}
+    for vocab in vocabs.values():
+        engine.set_vocabulary(vocab)
+        for key, data in images.items():
+            expected[(vocab.ref, key)] = engine.infer([engine.decode(data, key)])[0]
+    for r in rows:
+        want = expected[(r["vocab"], r["uri"].split("/", 3)[3])]
+        assert [t["tag"] for t in r["tags"]] == want.names
+        assert [t["score"] for t in r["tags"]] == pytest.approx([t.score for t in want.tags], abs=1e-5)
