@@ -100,6 +100,7 @@ class Vocabulary:
         self.counts = counts.to(torch.int64)
         self.thresholds = thresholds.to(torch.float32)
         self.metadata = metadata
+        self._finite_state: tuple[int, ...] | None = None
         if validate:
             self.validate(check_sha=check_sha)
 
@@ -117,8 +118,15 @@ class Vocabulary:
         text_encoder: str = "unknown",
         source: str = "embeddings",
         dtype: str = "float32",
+        counts: Sequence[int] | torch.Tensor | None = None,
+        sha256: str | None = None,
     ) -> Vocabulary:
-        """Build from a [C, D, dim] tensor or from one [D_i, dim] tensor per tag (ragged)."""
+        """Build from a [C, D, dim] tensor or from one [D_i, dim] tensor per tag (ragged).
+
+        A [C, D, dim] tensor with `counts` is already padded: tag i uses its first counts[i] rows (no
+        per-tag copies). `sha256` is for a caller that has just hashed these exact bytes (see
+        `content_sha256`); it is not recomputed.
+        """
         tags = list(tags)
         if dtype not in _DTYPES:
             raise VocabularyError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
@@ -128,8 +136,14 @@ class Vocabulary:
                     f"embeddings must be [num_tags, descriptions, dim], got shape {tuple(embeddings.shape)}"
                 )
             padded = embeddings.detach()
-            counts = torch.full((padded.shape[0],), padded.shape[1], dtype=torch.int64)
+            if counts is None:
+                counts = torch.full((padded.shape[0],), padded.shape[1], dtype=torch.int64)
+            counts = torch.as_tensor(counts, dtype=torch.int64)
+            if counts.shape != (padded.shape[0],):
+                raise VocabularyError(f"{counts.numel()} description counts for {padded.shape[0]} tags")
         else:
+            if counts is not None:
+                raise VocabularyError("counts go with a padded [C, D, dim] tensor, not per-tag tensors")
             per_tag = [torch.as_tensor(e).detach() for e in embeddings]
             if not per_tag:
                 raise VocabularyError("a vocabulary needs at least one tag")
@@ -156,7 +170,7 @@ class Vocabulary:
             num_tags=len(tags),
             max_descriptions=max(padded.shape[1], 1),
             dtype=dtype,  # type: ignore[arg-type]
-            sha256=content_sha256(padded, counts),
+            sha256=sha256 or content_sha256(padded, counts),
             source=source,
             tags=tags,
         )
@@ -340,12 +354,16 @@ class Vocabulary:
             raise VocabularyError(f"{where}: counts/thresholds must have one entry per tag ({c})")
         if c and (int(self.counts.min()) < 1 or int(self.counts.max()) > d):
             raise VocabularyError(f"{where}: every tag needs between 1 and {d} descriptions")
-        bad = ~torch.isfinite(e.float()).all(dim=2)
-        if self.mask() is not None:
-            bad &= self.mask()  # type: ignore[operator]
-        if bool(bad.any()):
-            tag = meta.tags[int(bad.any(dim=1).nonzero()[0])]
-            raise VocabularyError(f"{where}: non-finite (NaN or inf) embedding values, first in tag {tag!r}")
+        # The finiteness scan is the costly part (a second for an official-size vocabulary): done once per
+        # tensor state; the tensor's version counter moves on any in-place change, so a change is rescanned.
+        state = (id(e), e._version, id(self.counts), self.counts._version)
+        if self._finite_state != state:
+            # Padding rows too: a 0 weight times NaN is still NaN in the re-weighting matmul.
+            bad = ~torch.isfinite(e).all(dim=2)
+            if bool(bad.any()):
+                tag = meta.tags[int(bad.any(dim=1).nonzero()[0])]
+                raise VocabularyError(f"{where}: non-finite (NaN or inf) embedding values, first in tag {tag!r}")
+            self._finite_state = state
         if not bool(torch.isfinite(self.thresholds).all()) or bool(((self.thresholds < 0) | (self.thresholds > 1)).any()):
             raise VocabularyError(f"{where}: thresholds must be finite probabilities in [0, 1]")
         if not check_sha:

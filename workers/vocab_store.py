@@ -32,6 +32,7 @@ PREFIX = "ramplus:vocab"
 EVENTS = f"{PREFIX}:events"
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class VocabStoreError(VocabularyError):
@@ -194,24 +195,28 @@ class VocabStore:
         parts = self.redis.mget(keys)
         if any(p is None for p in parts):
             raise VocabularyError(f"{name}@{version}: {sum(p is None for p in parts)} of {len(parts)} chunks are missing")
-        payload = b"".join(parts)
-        if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+        # One copy into a writable buffer (torch wants one), hashed on the way.
+        payload, digest, pos = bytearray(sum(len(p) for p in parts)), hashlib.sha256(), 0
+        for part in parts:
+            digest.update(part)
+            payload[pos : pos + len(part)] = part
+            pos += len(part)
+        del parts
+        if digest.hexdigest() != meta["sha256"]:
             raise VocabularyError(f"{name}@{version}: checksum mismatch (corrupt or tampered embedding bytes)")
         shape = tuple(meta["shape"])
         if len(shape) != 3 or int(np.prod(shape)) * np.dtype(_NP_DTYPES[meta["dtype"]]).itemsize != len(payload):
             raise VocabularyError(f"{name}@{version}: {len(payload)} bytes do not hold a {meta['dtype']} tensor of shape {shape}")
         if dim is not None and shape[2] != dim:
             raise VocabularyError(f"{name}@{version}: embedding dimension {shape[2]}, the model needs {dim}")
-        array = np.frombuffer(payload, dtype=_NP_DTYPES[meta["dtype"]]).reshape(shape)
-        if not np.isfinite(array).all():
-            raise VocabularyError(f"{name}@{version}: embeddings contain NaN or infinity")
+        counts = np.asarray(meta["counts"], dtype=np.int32)
+        # Kept in the stored dtype and padded layout: no fp32 copy, no per-tag copies. The vocabulary's own
+        # content hash covers the same bytes plus the counts, so it continues the hash just checked.
+        digest.update(counts.tobytes())
+        embeddings = torch.frombuffer(payload, dtype=_TORCH_DTYPES[meta["dtype"]]).view(shape)
         md = meta["metadata"]
-        counts = meta["counts"]
-        if all(c == shape[1] for c in counts):  # the common case: one [C, D, K] tensor, no per-tag copies
-            embeddings: Any = torch.from_numpy(array.astype(np.float32))
-        else:
-            embeddings = [torch.from_numpy(array[i, : counts[i]].astype(np.float32)) for i in range(shape[0])]
-        return Vocabulary.from_embeddings(
-            md["tags"], embeddings, thresholds=meta["thresholds"], name=name, version=version,
-            text_encoder=md.get("text_encoder", "unknown"), source=md.get("source", "redis"),
+        return Vocabulary.from_embeddings(  # validates: tags, counts, thresholds, finiteness
+            md["tags"], embeddings, counts=counts, thresholds=meta["thresholds"], name=name, version=version,
+            text_encoder=md.get("text_encoder", "unknown"), source=md.get("source", "redis"), dtype=meta["dtype"],
+            sha256=digest.hexdigest(),
         )

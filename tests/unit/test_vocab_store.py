@@ -36,6 +36,45 @@ def test_a_published_version_loads_back_equal_in_fp32_and_close_in_fp16(store):
     assert store.show("demo", "1")["chunks"] > 1
 
 
+def test_a_load_keeps_the_stored_dtype_and_padding_and_a_content_hash_that_checks(store):
+    v = vocab()  # ragged: 1-3 descriptions per tag
+    store.publish(v, version="2")
+    back = store.load("demo", "2")
+    assert back.embeddings.dtype == torch.float16 and back.embeddings.shape == v.embeddings.shape
+    assert torch.equal(back.counts, v.counts) and torch.equal(back.mask(), v.mask())
+    back.validate(check_sha=True)  # the hash carried over from the store's check is the content's own
+    back.embeddings[0, 0, 0] = 0.5  # any change to the tensor is seen by the next validation
+    with pytest.raises(VocabularyError, match="sha256 mismatch"):
+        back.validate(check_sha=True)
+    back.embeddings[1, 0, 0] = float("nan")  # the finiteness scan is remembered, but not across changes
+    with pytest.raises(VocabularyError, match="non-finite"):
+        back.validate(check_sha=False)
+
+
+@pytest.mark.parametrize("where", ["description", "padding"])
+def test_nan_bytes_with_a_matching_checksum_are_refused_on_load(store, where):
+    import hashlib
+
+    import numpy as np
+
+    v = vocab()
+    store.publish(v, version="9")
+    meta_key = "ramplus:vocab:demo:9:meta"
+    meta = json.loads(store.redis.get(meta_key))
+    array = v.embeddings.to(torch.float16).numpy().copy()
+    tag = 0 if where == "padding" else 2  # tag 0 has 1 of 3 descriptions: row 2 is padding
+    array[tag, 2, 3] = np.nan
+    payload = array.tobytes()
+    for i in range(meta["chunks"]):
+        store.redis.delete(f"ramplus:vocab:demo:9:{meta['upload']}:{i}")
+    meta["chunks"] = 1
+    meta["sha256"] = hashlib.sha256(payload).hexdigest()  # a writer that checksummed bad values
+    store.redis.set(f"ramplus:vocab:demo:9:{meta['upload']}:0", payload)
+    store.redis.set(meta_key, json.dumps(meta))
+    with pytest.raises(VocabularyError, match=f"non-finite .* first in tag 't{tag}'"):
+        store.load("demo", "9")
+
+
 def test_versions_are_immutable(store):
     store.publish(vocab())
     with pytest.raises(VocabStoreError, match="immutable"):
