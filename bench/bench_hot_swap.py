@@ -1,10 +1,14 @@
 """Activate-to-first-result latency of a vocabulary switch in a running fleet (10 switches, p50/p99).
 
-    python bench/bench_hot_swap.py [--switches 10] [--replicas 2] [--tags 200]
+    python bench/bench_hot_swap.py [--switches 10] [--replicas 2] [--tags 200] [--descriptions 4]
+    python bench/bench_hot_swap.py --tags 4585 --descriptions 51       # official size
 
-A producer keeps a stream flowing (about 40 requests/s) through Kafka -> replicas (tiny model) -> S3 while
-`VocabStore.activate` alternates between two published versions. Latency = the earliest result timestamp
-(`ts`, written by the replica) naming the new version, minus the time the activate call was made.
+Replicas prefetch a version when it is published (RAMPLUS_REDIS__PREFETCH, on by default) and the bench
+activates it 2 s after publishing, as an operator would; `--no-prefetch` measures the cold path (the
+load happens after the activate). A producer keeps a stream flowing (about 40 requests/s) through Kafka -> replicas (tiny model) -> S3 while
+`VocabStore.activate` switches to a freshly published version each time (never one a replica still holds
+in its cache, so every switch pays the full load). Latency = the earliest result timestamp (`ts`, written
+by the replica) naming the new version, minus the time the activate call was made.
 """
 
 from __future__ import annotations
@@ -29,11 +33,26 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_fleet import load_stack, make_jpegs  # noqa: E402
 
 
+def replica_figures(expositions: dict[str, bytes]) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    for text in expositions.values():
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    per = lambda what: sums.get(f"{what}_sum", 0.0) / max(sums.get(f"{what}_count", 0.0), 1.0)  # noqa: E731
+    return {"switch": per("ramplus_vocab_switch_seconds"), "switches": sums.get("ramplus_vocab_switch_seconds_count", 0.0),
+            "batch": per("ramplus_batch_seconds")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--switches", type=int, default=10)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--tags", type=int, default=200)
+    parser.add_argument("--descriptions", type=int, default=4)
+    parser.add_argument("--no-prefetch", action="store_true", help="replicas load a version only when it is activated")
     args = parser.parse_args()
 
     import boto3
@@ -57,11 +76,14 @@ def main() -> None:
     run = uuid.uuid4().hex[:8]
     name, bucket, topic = f"swap-{run}", f"swap-{run}", f"swap-{run}"
     store = VocabStore(redis.Redis.from_url(redis_url))
-    for version, seed in (("a", 1), ("b", 2)):
-        torch.manual_seed(seed)
-        emb = torch.nn.functional.normalize(torch.randn(args.tags, 4, 512), dim=-1)
-        store.publish(Vocabulary.from_embeddings([f"{version}{i}" for i in range(args.tags)], emb, thresholds=0.5, name=name, version=version))
-    store.activate(name, "a")
+    def publish_version(version: int) -> str:
+        torch.manual_seed(version)
+        emb = torch.nn.functional.normalize(torch.randn(args.tags, args.descriptions, 512), dim=-1)
+        return store.publish(Vocabulary.from_embeddings(
+            [f"v{version}-{i}" for i in range(args.tags)], emb, thresholds=0.5, name=name, version=str(version)))
+
+    publish_version(0)
+    store.activate(name, "0")
 
     model_dir = save_pretrained(create_model("tiny@64", vocabulary=store.load(name), seed=0), Path(tempfile.mkdtemp()) / "model")
     s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -80,7 +102,9 @@ def main() -> None:
         model=ModelSettings(checkpoint=model_dir, device="cpu"),
         fleet=FleetSettings(replicas=args.replicas, cpus_per_replica=0.5, batch_size=8, max_batch_wait_s=0.05, metrics_port=0),
     )
-    settings.redis.url, settings.redis.vocabulary = redis_url, name
+    # Only the active version and the one switched away from are held: official-size ones are ~0.7 GB each.
+    settings.redis.url, settings.redis.vocabulary, settings.redis.cache_size = redis_url, name, 1
+    settings.redis.prefetch = not args.no_prefetch
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     fleet = Fleet(settings)
     fleet.start()
@@ -105,7 +129,10 @@ def main() -> None:
             for obj in page.get("Contents", ()):
                 if obj["Key"] not in seen:
                     seen.add(obj["Key"])
-                    body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+                    try:
+                        body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+                    except s3.exceptions.NoSuchKey:  # rewritten by a partition's new owner after a rebalance
+                        continue
                     rows.extend(json.loads(line) for line in body.splitlines() if line.strip())
         return rows
 
@@ -114,7 +141,10 @@ def main() -> None:
     try:
         assert wait_until(lambda: len(new_results()) > 0, 120), "no results"
         for i in range(args.switches):
-            target = "b" if i % 2 == 0 else "a"
+            target = str(i + 1)
+            publish_version(i + 1)
+            if i >= 1:
+                store.delete(name, str(i - 1))  # keep Redis at three versions
             time.sleep(2.0)
             new_results()  # drain what came before the switch
             t0 = time.time()
@@ -129,14 +159,20 @@ def main() -> None:
             assert wait_until(arrived, 60, interval_s=0.1), f"switch {i} to {target} never showed up"
             latencies.append(min(first) - t0)
             print(f"switch {i + 1}: -> {target} first result after {latencies[-1] * 1000:.0f} ms", flush=True)
+        inside = replica_figures(fleet.scrape_metrics())
     finally:
         stop.set()
         fleet.stop()
         ray.shutdown()
+        for key in store.redis.scan_iter(match=f"ramplus:vocab:{name}:*"):
+            store.redis.delete(key)
+    print(f"inside the replicas: switch (load + validate + swap, after the activate is noticed) mean "
+          f"{inside['switch']:.3f} s over {inside['switches']:.0f}; forward pass mean {inside['batch']:.3f} s per batch")
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
     print(f"activate -> first result: p50 {statistics.median(ordered) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-          f"max {ordered[-1] * 1000:.0f} ms over {len(ordered)} switches ({args.replicas} replicas, {args.tags} tags)")
+          f"max {ordered[-1] * 1000:.0f} ms over {len(ordered)} switches ({args.replicas} replicas, "
+          f"{args.tags} tags x {args.descriptions} descriptions, prefetch {'off' if args.no_prefetch else 'on'})")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,21 @@ def main() -> None:
     loaded = store.load(name, dim=512)
     load_s = time.perf_counter() - t
     rss_after = rss_mib()
+    # What a CPU replica then holds: the model-ready copy (fp32 on CPU; on a GPU it is device memory).
+    from ramplus_core import create_model
+
+    model = create_model("tiny@64", seed=0)
+    rss_model = rss_mib()
+    t = time.perf_counter()
+    prepared = model.prepare_vocabulary(loaded)
+    prepare_s = time.perf_counter() - t
+    rss_prepared = rss_mib()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"vocabulary {args.tags} x {args.descriptions} x 512 fp16: {stored / 2**20:.0f} MiB in Redis, {store.show(name)['chunks']} chunks")
     print(f"publish: {publish_s:.2f} s   activate: {activate_ms:.1f} ms   load + validate: {load_s:.2f} s")
-    print(f"loader process RSS: +{rss_after - rss_before:.0f} MiB for the loaded vocabulary (fp32 in memory), peak RSS {peak:.0f} MiB")
+    print(f"loader process RSS: +{rss_after - rss_before:.0f} MiB for the loaded vocabulary ({loaded.embeddings.dtype} in memory)")
+    print(f"model-ready copy ({prepared.embeddings.dtype}, CPU): prepare {prepare_s:.2f} s, +{rss_prepared - rss_model:.0f} MiB; "
+          f"peak RSS {peak:.0f} MiB")
     print(f"loaded {loaded.ref}, {len(loaded)} tags")
     for key in client.scan_iter(match=f"ramplus:vocab:{name}:*"):
         client.delete(key)

@@ -93,6 +93,7 @@ class TaggingEngine:
             previous = self.model.vocabulary_tensors
             self.model.set_vocabulary(prepared)
         if previous is not None and previous.vocabulary.ref != prepared.vocabulary.ref:
+            self.cache.discard(prepared.vocabulary.ref)  # active now: its slot is free for another
             self.cache.put(previous)
 
     def vocabulary_for(self, ref: str) -> VocabularyTensors | None:

@@ -32,6 +32,10 @@ class ReplicaMetrics:
         self.in_flight = Gauge("ramplus_in_flight", "Records polled and not yet committable", registry=r)
         self.lag = Gauge("ramplus_partition_lag", "Records behind the end of the partition", ["topic", "partition"], registry=r)
         self.vocab_switches = Counter("ramplus_vocab_switches", "Vocabulary versions switched to", registry=r)
+        self.vocab_switch_seconds = Histogram(
+            "ramplus_vocab_switch_seconds", "From noticing a new active version to using it (load + validate + swap)",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16), registry=r,
+        )
         self.vocab_refused = Counter("ramplus_vocab_refused", "Vocabulary versions refused", ["reason"], registry=r)
         self.vocab_cache = Counter(
             "ramplus_vocab_cache", "Lookups of vocabularies named by requests (hit/loaded/refused/unavailable/evicted)",

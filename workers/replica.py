@@ -16,7 +16,7 @@ from typing import Any
 import redis
 import structlog
 
-from ramplus_core import RamPlus, load_checkpoint
+from ramplus_core import RamPlus, Vocabulary, load_checkpoint
 from workers.engine import TaggingEngine
 from workers.fetchers import UriFetcher
 from workers.kafka_io import KafkaDeadLetters, KafkaSource
@@ -91,6 +91,7 @@ class Replica:
             self.vocab_store, settings.redis.vocabulary, self.engine.set_vocabulary,
             current=lambda: self.engine.vocabulary.ref, dim=self.engine.model.config.text_dim,
             poll_interval_s=settings.redis.poll_interval_s, metrics=self.metrics, cached=self.engine.cache.peek,
+            prefetch=self._prefetch if settings.redis.prefetch else None,
         )
         try:
             watcher.check()  # start on the active version when Redis is there; else the model's own, until it is
@@ -98,6 +99,9 @@ class Replica:
             self.log.warning("vocab.initial_load_failed", error=f"{type(exc).__name__}: {exc}")
         watcher.start()
         return watcher
+
+    def _prefetch(self, vocabulary: Vocabulary) -> None:
+        self.engine.cache.put(self.engine.prepare_vocabulary(vocabulary))
 
     def run(self) -> None:
         """Until `stop_event` is set; then drain, commit and close."""

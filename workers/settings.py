@@ -49,6 +49,7 @@ class RedisSettings(BaseModel):
     vocabulary: str | None = Field(None, description="Follow this vocabulary's active version (None: the model's own)")
     poll_interval_s: float = Field(1.0, gt=0, description="Fallback check of the active version when no event comes")
     cache_size: int = Field(4, ge=1, description="Vocabularies kept loaded for requests that name one besides the active")
+    prefetch: bool = Field(True, description="Load a version of the followed vocabulary when it is published, so activate is instant")
 
 
 class FetchSettings(BaseModel):

@@ -76,6 +76,11 @@ class VocabularyCache:
                 log.info("vocab.cache_evicted", vocab=evicted)
             self.metrics.vocab_cache_size.set(len(self._items))
 
+    def discard(self, ref: str) -> None:
+        with self._lock:
+            self._items.pop(ref, None)
+            self.metrics.vocab_cache_size.set(len(self._items))
+
     def get(self, name: str, version: str | None) -> VocabularyTensors:
         """A loaded version; loads it if needed. Raises InputError (VALIDATION, or FETCH if the store is away)."""
         if version is None:

@@ -1,5 +1,9 @@
 """Keeps a replica on the active version of its vocabulary: pub/sub nudges, polling as the fallback.
 
+With `prefetch`, a version is loaded when it is published (the `published` event), so that activating it
+later is a pointer flip rather than a load of up to a few seconds; a version that fails to load then is
+simply not prefetched (it is refused for real if it is activated).
+
 A new version is loaded and validated on this watcher's thread, then handed to the engine, which swaps it
 between two batches (a batch in progress finishes with the vocabulary it started with). A version that
 fails validation is refused: the replica keeps the old one, logs why and counts it. Redis going away stops
@@ -23,6 +27,10 @@ from workers.vocab_store import EVENTS, VocabStore
 
 log = structlog.get_logger("ramplus.vocab")
 
+# Refusal reasons (the metric's label) by what the validation error says.
+_REASONS = (("checksum", "checksum"), ("sha256", "checksum"), ("dimension", "dimension"), ("-d but the model", "dimension"),
+            ("non-finite", "non_finite"), ("missing", "missing"), ("does not exist", "missing"))
+
 
 class VocabularyWatcher:
     def __init__(
@@ -36,9 +44,11 @@ class VocabularyWatcher:
         poll_interval_s: float = 1.0,
         metrics: ReplicaMetrics | None = None,
         cached: Callable[[str], Any] | None = None,
+        prefetch: Callable[[Vocabulary], None] | None = None,
     ) -> None:
         self.store, self.name, self.apply, self.current = store, name, apply, current
-        self.cached = cached  # 'name@version' -> an already loaded version (requests named it), or None
+        self.cached = cached  # 'name@version' -> an already loaded version (prefetched, or requests named it), or None
+        self.prefetch = prefetch  # keeps a loaded version for later (the engine's cache)
         self.dim, self.poll_interval_s = dim, poll_interval_s
         self.metrics = metrics or ReplicaMetrics()
         self.refused: dict[str, str] = {}  # version -> why; not retried until it is activated again
@@ -60,18 +70,21 @@ class VocabularyWatcher:
         if version is None or f"{self.name}@{version}" == self.current() or version in self.refused:
             return False
         ref = f"{self.name}@{version}"
+        started = time.monotonic()
         try:
             loaded = self.cached(ref) if self.cached is not None else None
             vocabulary: Vocabulary = loaded.vocabulary if loaded is not None else self.store.load(self.name, version, dim=self.dim)
             self.apply(loaded if loaded is not None else vocabulary)
         except VocabularyError as exc:
-            reason = "checksum" if "checksum" in str(exc) else "dimension" if "dimension" in str(exc) else "invalid"
+            text = str(exc)
+            reason = next((r for key, r in _REASONS if key in text), "invalid")
             self.refused[version] = str(exc)
             self._refused_at[version] = time.time()
             self.metrics.vocab_refused.labels(reason=reason).inc()
             log.error("vocab.refused", vocab=f"{self.name}@{version}", reason=str(exc), keeping=self.current())
             return False
         self.metrics.vocab_switches.inc()
+        self.metrics.vocab_switch_seconds.observe(time.monotonic() - started)
         log.info("vocab.switched", vocab=vocabulary.ref, tags=len(vocabulary), from_cache=loaded is not None)
         return True
 
@@ -89,9 +102,26 @@ class VocabularyWatcher:
             except (ValueError, TypeError):
                 return
             version = event.get("version")
+            if event.get("name") != self.name:
+                return
+            if event.get("event") == "published" and self.prefetch is not None:
+                self._prefetch(str(version))
             # Activated again after we refused it (not the activation that made us refuse it): try again.
             if event.get("event") == "activated" and version in self.refused and event.get("ts", 0) > self._refused_at[version]:
                 self.refused.pop(version)
+
+    def _prefetch(self, version: str) -> None:
+        ref = f"{self.name}@{version}"
+        if ref == self.current() or (self.cached is not None and self.cached(ref) is not None):
+            return
+        started = time.monotonic()
+        try:
+            assert self.prefetch is not None
+            self.prefetch(self.store.load(self.name, version, dim=self.dim))
+        except VocabularyError as exc:
+            log.warning("vocab.prefetch_failed", vocab=ref, reason=str(exc))
+            return
+        log.info("vocab.prefetched", vocab=ref, seconds=round(time.monotonic() - started, 3))
 
     def _run(self) -> None:
         backoff = self.poll_interval_s

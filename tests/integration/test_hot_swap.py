@@ -88,14 +88,26 @@ def test_activate_switches_every_replica_mid_stream_and_results_match_their_vers
         assert [t["score"] for t in r["tags"]] == pytest.approx([t.score for t in want.tags], abs=1e-5)
 
 
-def test_a_corrupt_version_is_refused_and_rollback_works_live(stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket):
+def test_corrupt_versions_are_refused_and_rollback_works_live(stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket):
+    import hashlib
+
     name = f"rb-{uuid.uuid4().hex[:8]}"
     store = VocabStore(redis.Redis.from_url(stack.redis_url))
-    for version, seed in (("1", 1), ("2", 2), ("3", 3)):
+    for version, seed in (("1", 1), ("2", 2), ("checksum", 3), ("nan", 5)):
         store.publish(make_vocab(name, version, seed, 8))
+    narrow = make_vocab(name, "dimension", 4, 8)
+    store.publish(Vocabulary.from_embeddings(narrow.tags, narrow.embeddings[:, :, :256], name=name, version="dimension"))
+    meta = json.loads(store.redis.get(f"ramplus:vocab:{name}:checksum:meta"))
+    store.redis.set(f"ramplus:vocab:{name}:checksum:{meta['upload']}:0", b"\x00" * meta["bytes"])  # flipped bytes
+    # NaN written by a buggy publisher that checksummed what it wrote: only the finiteness check catches it.
+    meta = json.loads(store.redis.get(f"ramplus:vocab:{name}:nan:meta"))
+    key = f"ramplus:vocab:{name}:nan:{meta['upload']}:0"
+    payload = bytearray(store.redis.get(key))
+    payload[100:102] = b"\x00\x7e"  # fp16 NaN
+    store.redis.set(key, bytes(payload))
+    meta["sha256"] = hashlib.sha256(payload).hexdigest()
+    store.redis.set(f"ramplus:vocab:{name}:nan:meta", json.dumps(meta))
     store.activate(name, "1")
-    meta = json.loads(store.redis.get(f"ramplus:vocab:{name}:3:meta"))
-    store.redis.set(f"ramplus:vocab:{name}:3:{meta['upload']}:0", b"\x00" * meta["bytes"])  # flipped bytes
 
     topic, _ = make_topics(stack.kafka_bootstrap, f"rb-{uuid.uuid4().hex[:8]}")
     s3_client.put_object(Bucket=s3_bucket, Key="img/0.jpg", Body=jpeg_bytes(random_images(1, seed=9)[0]))
@@ -107,15 +119,25 @@ def test_a_corrupt_version_is_refused_and_rollback_works_live(stack, ray_cluster
     def vocabs() -> set[str]:
         return {s.get("vocab") for s in fleet.stats()}
 
+    def refused() -> dict[str, float]:
+        out: dict[str, float] = collections.defaultdict(float)
+        for line in b"".join(fleet.scrape_metrics().values()).decode().splitlines():
+            if line.startswith("ramplus_vocab_refused_total{"):
+                out[line.split('reason="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+        return dict(out)
+
     try:
         assert wait_until(lambda: vocabs() == {f"{name}@1"}, 30)
         store.activate(name, "2")
         assert wait_until(lambda: vocabs() == {f"{name}@2"}, 30)
         store.rollback(name)
         assert wait_until(lambda: vocabs() == {f"{name}@1"}, 30)
-        store.activate(name, "3")  # corrupt: refused by every replica, tagging goes on with version 1
-        time.sleep(3)
-        assert vocabs() == {f"{name}@1"}
+        for n, bad in enumerate(("checksum", "dimension", "nan"), start=1):
+            store.activate(name, bad)  # refused by every replica: tagging goes on with version 1
+            reason = {"nan": "non_finite"}.get(bad, bad)
+            assert wait_until(lambda: refused().get(reason, 0) >= 2, 30), refused()  # noqa: B023
+            assert vocabs() == {f"{name}@1"}
+        assert refused() == {"checksum": 2, "dimension": 2, "non_finite": 2}
         publish(stack.kafka_bootstrap, topic, [request(f"x{i}", f"s3://{s3_bucket}/img/0.jpg") for i in range(20)])
         assert wait_until(lambda: sum(s.get("tagged", 0) for s in fleet.stats()) >= 20, 60)
         rows = all_results(s3_client, s3_bucket)

@@ -96,3 +96,40 @@ def test_redis_errors_keep_the_vocabulary_and_the_watcher_recovers(setup):
     store.publish(vocabulary("2", seed=3))
     store.activate("live", "2")
     assert wait_for(lambda: engine.vocabulary.ref == "live@2", timeout_s=15)
+
+
+def test_a_published_version_is_prefetched_so_activate_loads_nothing_and_a_bad_one_is_still_refused():
+    store = VocabStore(fakeredis.FakeRedis())
+    engine = TaggingEngine(make_tiny_model(), device="cpu")
+    loads: list[str] = []
+    real_load = store.load
+    store.load = lambda name, version=None, **kw: loads.append(f"{name}@{version}") or real_load(name, version, **kw)
+    watcher = VocabularyWatcher(
+        store, "live", engine.set_vocabulary, current=lambda: engine.vocabulary.ref, dim=512, poll_interval_s=0.1,
+        cached=engine.cache.peek, prefetch=lambda v: engine.cache.put(engine.prepare_vocabulary(v)),
+    )
+    watcher.start()
+    try:
+        time.sleep(0.3)  # subscribed
+        store.publish(vocabulary("1"))
+        store.publish(vocabulary("other-name", n=3), name="elsewhere")  # not ours: not prefetched
+        assert wait_for(lambda: engine.cache.peek("live@1") is not None)
+        assert loads == ["live@1"]
+        store.activate("live", "1")
+        assert wait_for(lambda: engine.vocabulary.ref == "live@1")
+        assert loads == ["live@1"] and engine.cache.refs() == ["tiny-vocab@1"]  # active left the cache, previous joined
+        assert watcher.metrics.vocab_switch_seconds._sum.get() < 0.5
+        announce, store._event = store._event, lambda *a: None  # corrupt it before anyone hears of it
+        store.publish(vocabulary("2"))
+        meta = json.loads(store.redis.get("ramplus:vocab:live:2:meta"))
+        store.redis.set(f"ramplus:vocab:live:2:{meta['upload']}:0", b"\x00" * meta["bytes"])
+        store._event = announce
+        store._event("published", "live", "2")
+        assert wait_for(lambda: loads[-1] == "live@2")
+        time.sleep(0.2)
+        assert engine.cache.peek("live@2") is None  # the prefetch read corrupt bytes and kept nothing
+        store.activate("live", "2")
+        assert wait_for(lambda: "2" in watcher.refused) and engine.vocabulary.ref == "live@1"
+        assert watcher.metrics.vocab_refused.labels(reason="checksum")._value.get() == 1
+    finally:
+        watcher.stop()
