@@ -40,6 +40,7 @@ class TextEncoder:
         precision: str = "fp32",
         cache_dir: str | None = None,
         batch_size: int = 256,
+        seed: int = 0,
     ) -> None:
         if model_name not in open_clip.list_models():
             raise WeightsUnavailableError(f"unknown open_clip model {model_name!r}")
@@ -47,13 +48,27 @@ class TextEncoder:
         self.pretrained = pretrained
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.seed = seed
         if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
             raise WeightsUnavailableError(
                 f"text encoder weights file not found: {pretrained}. Download open_clip {model_name} weights "
                 "(for ViT-B-16 the 'openai' ones) and pass their local path."
             )
+        # Random weights (tests, synthetic data) come from `seed`, so that every process that builds this
+        # encoder (the vocabulary builder, each training worker) embeds a text the same way.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self._create(model_name, pretrained, precision, cache_dir)
+        if pretrained is None:
+            log.warning("text_encoder.random_weights", model=model_name, seed=seed)
+        model.visual = nn.Identity()  # only the text tower is used; free the image tower
+        self.model = model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.dim = int(model.text_projection.shape[1]) if model.text_projection is not None else int(model.ln_final.weight.shape[0])
+
+    def _create(self, model_name: str, pretrained: str | None, precision: str, cache_dir: str | None) -> nn.Module:
         try:
-            model = open_clip.create_model(
+            return open_clip.create_model(
                 model_name,
                 pretrained=pretrained,
                 device=self.device,
@@ -70,17 +85,11 @@ class TextEncoder:
                 "open_clip_pytorch_model.bin) and pass the local file path as the text-encoder weights "
                 "(RAMPLUS_TEXT_ENCODER_WEIGHTS)."
             ) from exc
-        if pretrained is None:
-            log.warning("text_encoder.random_weights", model=model_name)
-        model.visual = nn.Identity()  # only the text tower is used; free the image tower
-        self.model = model.eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.dim = int(model.text_projection.shape[1]) if model.text_projection is not None else int(model.ln_final.weight.shape[0])
 
     @property
     def id(self) -> str:
         """Recorded in every vocabulary it builds, e.g. `open_clip:ViT-B-16/openai`."""
-        weights = "random" if self.pretrained is None else (Path(self.pretrained).name if "/" in self.pretrained else self.pretrained)
+        weights = f"random-seed{self.seed}" if self.pretrained is None else (Path(self.pretrained).name if "/" in self.pretrained else self.pretrained)
         return f"open_clip:{self.model_name}/{weights}"
 
     @torch.inference_mode()

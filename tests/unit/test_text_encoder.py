@@ -23,7 +23,7 @@ def test_long_descriptions_are_truncated_not_refused(tiny_text_encoder):
 
 
 def test_random_weights_are_visible_in_the_id(tiny_text_encoder):
-    assert tiny_text_encoder.id == "open_clip:ramplus-tiny-text/random"
+    assert tiny_text_encoder.id == "open_clip:ramplus-tiny-text/random-seed0"
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
@@ -34,3 +34,16 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(WeightsUnavailableError, match="unknown open_clip model"):
         TextEncoder("ViT-Q-99", pretrained=None)
+
+
+def test_random_weights_come_from_the_seed_so_every_process_embeds_alike():
+    from ramplus_core.text_encoder import TextEncoder
+
+    texts = ["a red circle", "a blue star on a black background"]
+    torch.manual_seed(123)  # the global RNG plays no part, and is left as it was
+    state = torch.random.get_rng_state()
+    a = TextEncoder("ramplus-tiny-text", None).encode(texts)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = TextEncoder("ramplus-tiny-text", None).encode(texts)
+    c = TextEncoder("ramplus-tiny-text", None, seed=1).encode(texts)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
