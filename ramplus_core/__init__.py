@@ -30,6 +30,14 @@ from ramplus_core.errors import (
     VocabularyError,
     WeightsUnavailableError,
 )
+from ramplus_core.evaluation import (
+    TagMetrics,
+    average_precision,
+    calibrate_thresholds,
+    label_prior_map,
+    mean_average_precision,
+    precision_recall_f1,
+)
 from ramplus_core.model import RamPlus, VocabularyTensors, reweight_descriptions
 from ramplus_core.preprocess import FastPreprocessor, load_image, preprocess
 from ramplus_core.tagger import Tagger, create_model
@@ -39,10 +47,11 @@ from ramplus_core.vocabulary import Vocabulary, VocabularyMetadata
 __all__ = [
     "MODEL_CONFIGS", "CheckpointError", "CheckpointLayoutError", "ConfigError", "CorruptImageError",
     "DescriptionError", "FastPreprocessor", "ImageError", "ImageTags", "ImageTooLargeError", "ModelConfig",
-    "NotAnImageError", "RamPlus", "RamPlusError", "TagScore", "Tagger", "UntrustedCheckpointError",
-    "Vocabulary", "VocabularyError", "VocabularyMetadata", "VocabularyTensors", "WeightsUnavailableError",
-    "create_model", "get_config", "import_official_vocabulary", "list_configs", "load_checkpoint",
-    "load_image", "load_official", "load_pretrained", "preprocess", "reweight_descriptions",
-    "save_pretrained", "select_tags",
+    "NotAnImageError", "RamPlus", "RamPlusError", "TagMetrics", "TagScore", "Tagger",
+    "UntrustedCheckpointError", "Vocabulary", "VocabularyError", "VocabularyMetadata", "VocabularyTensors",
+    "WeightsUnavailableError", "average_precision", "calibrate_thresholds", "create_model", "get_config",
+    "import_official_vocabulary", "label_prior_map", "list_configs", "load_checkpoint", "load_image",
+    "load_official", "load_pretrained", "mean_average_precision", "precision_recall_f1", "preprocess",
+    "reweight_descriptions", "save_pretrained", "select_tags",
 ]
 __version__ = "0.1.0"
