@@ -63,26 +63,41 @@ def training_vocabulary(model: RamPlus, vocabulary: Vocabulary) -> VocabularyTen
     )
 
 
-class RamPlusLosses(nn.Module):
-    def __init__(self, weights: LossWeights = LossWeights()) -> None:
+class RamPlusTraining(nn.Module):
+    """The model plus its training losses, as one module whose `forward` is a training step's loss.
+
+    Distributed data parallel only synchronises gradients of what runs through the wrapped module's
+    `forward`, so the whole step (image encoder, tag head, caption head) is behind this one call. The
+    vocabulary is a plain attribute, not a buffer: DDP would otherwise broadcast it on every step.
+    """
+
+    def __init__(self, model: RamPlus, vocabulary: Vocabulary, weights: LossWeights = LossWeights()) -> None:
         super().__init__()
+        self.model = model
         self.weights = weights
         self.tagging = tagging_loss()
         self.alignment = alignment_loss()
+        self.vocabulary = vocabulary
+        self._vocab: VocabularyTensors | None = None
+
+    def vocab_tensors(self) -> VocabularyTensors:
+        p = self.model.reweight_scale
+        if self._vocab is None or self._vocab.embeddings.device != p.device or self._vocab.embeddings.dtype != p.dtype:
+            self._vocab = training_vocabulary(self.model, self.vocabulary)
+        return self._vocab
 
     def forward(
         self,
-        model: RamPlus,
         images: torch.Tensor,
-        vocab: VocabularyTensors,
         tag_target: torch.Tensor,
         caption_embeds: torch.Tensor | None = None,
         caption_target: torch.Tensor | None = None,
         teacher_embeds: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """{'loss': weighted total, 'tag', 'text', 'distill'} for one batch; `tag_logits` detached for metrics."""
+        """{'loss': weighted total, 'tag', 'text'?, 'distill'?, 'tag_logits' (detached, for metrics)}."""
+        model = self.model
         image_embeds = model.encode_image(images)
-        logits = model.head_logits(image_embeds, vocab)
+        logits = model.head_logits(image_embeds, self.vocab_tensors())
         out = {"tag": self.tagging(logits.float(), tag_target)}
         total = self.weights.tag * out["tag"]
         if caption_embeds is not None and self.weights.text > 0:

@@ -8,7 +8,7 @@ import torch
 from helpers import make_tiny_model
 from ramplus_core.training import (
     LossWeights,
-    RamPlusLosses,
+    RamPlusTraining,
     build_optimizer,
     caption_targets,
     tag_targets,
@@ -27,16 +27,15 @@ def test_targets_mark_each_images_tags_and_every_caption_it_shares():
 def test_a_few_steps_on_one_batch_lower_every_loss_term():
     torch.manual_seed(0)
     model = make_tiny_model(num_tags=6).train()
-    vocab = training_vocabulary(model, model.vocabulary)
+    step = RamPlusTraining(model, model.vocabulary, LossWeights(distill=1.0))
     images = torch.randn(4, 3, 64, 64)
     target = (torch.rand(4, 6) > 0.5).float()
     captions = torch.nn.functional.normalize(torch.randn(4, 512), dim=-1)
     teacher = torch.randn(4, 512)
-    losses = RamPlusLosses(LossWeights(distill=1.0))
     opt = build_optimizer(model, lr=5e-4)
     first = None
     for _ in range(101):  # a plateau first (all tags look alike at init), then it memorises the batch
-        out = losses(model, images, vocab, target, captions, torch.eye(4), teacher)
+        out = step(images, target, captions, torch.eye(4), teacher)
         first = first or {k: float(v.detach()) for k, v in out.items() if k != "tag_logits"}
         opt.zero_grad()
         out["loss"].backward()
@@ -49,10 +48,24 @@ def test_a_few_steps_on_one_batch_lower_every_loss_term():
 
 def test_text_and_distill_terms_are_off_without_their_inputs():
     model = make_tiny_model(num_tags=3)
-    out = RamPlusLosses(LossWeights(distill=1.0))(model, torch.randn(2, 3, 64, 64), training_vocabulary(model, model.vocabulary), torch.zeros(2, 3))
+    step = RamPlusTraining(model, model.vocabulary, LossWeights(distill=1.0))
+    out = step(torch.randn(2, 3, 64, 64), torch.zeros(2, 3))
     assert set(out) == {"tag", "loss", "tag_logits"} and torch.equal(out["loss"], out["tag"])
     with pytest.raises(ValueError, match="caption_target"):
-        RamPlusLosses()(model, torch.randn(2, 3, 64, 64), training_vocabulary(model, model.vocabulary), torch.zeros(2, 3), torch.randn(2, 512))
+        step(torch.randn(2, 3, 64, 64), torch.zeros(2, 3), torch.randn(2, 512))
+
+
+def test_description_embeddings_made_under_inference_mode_can_train_and_follow_the_model_dtype():
+    model = make_tiny_model(num_tags=3)
+    with torch.inference_mode():
+        emb = torch.nn.functional.normalize(torch.randn(3, 2, 512), dim=-1)
+    from ramplus_core import Vocabulary
+
+    step = RamPlusTraining(model, Vocabulary.from_embeddings(["a", "b", "c"], emb))
+    step(torch.randn(2, 3, 64, 64), torch.ones(2, 3))["loss"].backward()
+    assert model.fc.weight.grad is not None
+    step.double()
+    assert step.vocab_tensors().embeddings.dtype == torch.float64
 
 
 def test_no_weight_decay_on_biases_norms_and_the_reweighting_scale():
