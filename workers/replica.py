@@ -36,8 +36,10 @@ def load_model(settings: Settings) -> RamPlus:
         from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
 
         raise ValueError(f"no checkpoint configured (RAMPLUS_MODEL__CHECKPOINT). {OFFICIAL_WEIGHTS_HELP}")
+    from workers.artifacts import resolve_checkpoint
+
     return load_checkpoint(
-        m.checkpoint, m.variant, m.image_size, vocabulary=m.vocabulary, tag_list=m.tag_list,
+        resolve_checkpoint(m.checkpoint, settings.s3), m.variant, m.image_size, vocabulary=m.vocabulary, tag_list=m.tag_list,
         thresholds=m.thresholds, trust_pickle=m.trust_checkpoint,
     )
 

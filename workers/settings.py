@@ -72,7 +72,7 @@ class FetchSettings(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    checkpoint: Path | None = Field(None, description="Official .pth or our model directory")
+    checkpoint: str | None = Field(None, description="Official .pth, our model directory, or an s3:// artifact")
     variant: str | None = Field(None, description="swin_l or swin_b; inferred when omitted")
     image_size: int | None = Field(None, description="224 or 384; inferred when omitted")
     vocabulary: Path | None = Field(None, description="Vocabulary file; default: the checkpoint's own")
@@ -97,6 +97,38 @@ class FleetSettings(BaseModel):
     drain_timeout_s: float = Field(60.0, gt=0, description="How long a stopping replica may take to drain")
 
 
+class TrainSettings(BaseModel):
+    run_name: str = Field("ramplus-retrain", description="Ray Train run; submitting the same name again resumes it")
+    manifest: str | None = Field(None, description="Triplets (JSON lines: uri, captions, tags, split) on s3:// or disk")
+    storage_path: str = Field("s3://ramplus-train/runs", description="Ray Train checkpoints (s3://bucket/prefix or a shared dir)")
+    output: str | None = Field("s3://ramplus-train/models", description="Where the final artifact goes: <output>/<run_name>/<version>/")
+    model: str = Field("tiny@64", description="Model config when starting from scratch")
+    init: str = Field("scratch", description="scratch, an official .pth, our model directory, or an s3:// artifact")
+    trust_checkpoint: bool = Field(False, description="Allow full unpickling of an init checkpoint you trust")
+    vocabulary: str | None = Field(None, description="Vocabulary file (.safetensors) or redis:NAME[@VERSION]")
+    text_encoder: str = Field("ViT-B-16", description="Frozen open_clip text encoder that embeds captions")
+    text_weights: str | None = Field("openai", description="Its weights: 'openai', a local file, or none (random, seeded)")
+    text_seed: int = Field(0, description="Seed of random text-encoder weights (must match the vocabulary's builder)")
+    epochs: int = Field(20, ge=1, description="Passes over the training split")
+    batch_size: int = Field(32, ge=1, description="Global batch (split across workers)")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases and norms)")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps before the cosine decay")
+    tag_weight: float = Field(1.0, ge=0, description="Weight of the tagging ASL")
+    text_weight: float = Field(1.0, ge=0, description="Weight of the image-text alignment ASL")
+    distill_weight: float = Field(0.0, ge=0, description="Weight of the L1 distillation to `teacher` (0: off)")
+    teacher: str | None = Field(None, description="Frozen teacher checkpoint for distillation")
+    flip: bool = Field(True, description="Random horizontal flips")
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(False, description="One GPU per worker, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (also its torch threads)")
+    max_minutes: float | None = Field(None, gt=0, description="Stop (evaluate, checkpoint, publish) after this long")
+    calibrate: bool = Field(True, description="Per-tag thresholds from the validation split (best F1) in the artifact")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (from the last checkpoint)")
+    seed: int = Field(0, description="Shuffling, flips and initialisation")
+
+
 class Settings(BaseSettings):
     """Everything `ramplus serve` and `ramplus produce` need."""
 
@@ -109,6 +141,7 @@ class Settings(BaseSettings):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
 
     @field_validator("fetch")
     @classmethod
