@@ -28,6 +28,15 @@ def _vocab_app() -> typer.Typer:
 app.add_typer(_vocab_app(), name="vocab")
 
 
+def _data_app() -> typer.Typer:
+    from workers.data_cli import app as data_app
+
+    return data_app
+
+
+app.add_typer(_data_app(), name="data")
+
+
 
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
