@@ -83,6 +83,11 @@ class ModelSettings(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights dtype; bf16 on GPUs")
     fast_preprocess: bool = Field(True, description="Batched resize (see README 'Preprocessing')")
 
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
 
 class FleetSettings(BaseModel):
     replicas: int = Field(1, ge=1, description="Replica actors (Kafka group members)")
