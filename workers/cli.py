@@ -62,7 +62,7 @@ def iter_image_paths(inputs: list[str]) -> Iterator[Path]:
 def tag(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or file:// URIs.")],
     checkpoint: Annotated[
-        Optional[Path], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official .pth or our model directory.")
+        Optional[str], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official .pth, our model directory, or an s3:// artifact.")
     ] = None,
     vocab: Annotated[Optional[Path], typer.Option(help="Vocabulary file (.safetensors); default: the checkpoint's own.")] = None,
     tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_TAG_LIST", help="Official tag list (ram_tag_list.txt) for an official checkpoint.")] = None,
@@ -94,8 +94,15 @@ def tag(
     if not paths:
         _fail("no images found in " + ", ".join(inputs))
     try:
+        from workers.artifacts import ArtifactError, resolve_checkpoint
+        from workers.settings import Settings
+
+        try:
+            local = resolve_checkpoint(checkpoint, Settings.load().s3)
+        except ArtifactError as exc:
+            _fail(str(exc))
         model = load_checkpoint(
-            checkpoint, variant, image_size, vocabulary=Vocabulary.load(vocab) if vocab else None,
+            local, variant, image_size, vocabulary=Vocabulary.load(vocab) if vocab else None,
             tag_list=tag_list, thresholds=thresholds, trust_pickle=trust_checkpoint,
         )
         tagger = Tagger(model, device=device, precision=precision, batch_size=batch_size)

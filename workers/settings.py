@@ -116,7 +116,7 @@ class TrainSettings(BaseModel):
     text_seed: int = Field(0, description="Seed of random text-encoder weights (must match the vocabulary's builder)")
     epochs: int = Field(20, ge=1, description="Passes over the training split")
     batch_size: int = Field(32, ge=1, description="Global batch (split across workers)")
-    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate (5e-4 for tiny models from scratch)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases and norms)")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps before the cosine decay")
     tag_weight: float = Field(1.0, ge=0, description="Weight of the tagging ASL")

@@ -1,0 +1,444 @@
+"""Retraining RAM++ with Ray Train: the per-worker loop, its checkpoints, and the artifact at the end.
+
+`run(settings)` is what `jobs/retrain.py` calls. It starts a `TorchTrainer` (DDP over `train.workers`
+ranks, gloo on CPUs, NCCL + bf16 autocast on GPUs) whose run is named `train.run_name` under
+`train.storage_path`: submitting the same name again finds the run's last checkpoint there and goes on
+from it (Ray Train restores its checkpoint manager from storage; the loop reads `get_checkpoint()`).
+
+Each rank reads the manifest, takes an equal share of the training split, fetches and decodes its images
+once with the fleet's fetcher (same allowlists and limits) and the official preprocessing, and embeds
+the captions once with the frozen text encoder (the encoder is frozen, so embedding each caption once is
+the same as embedding it per batch, only cheaper). Rank 0 evaluates on the validation split after every
+epoch (mAP, the label-prior baseline, P/R/F1 at the vocabulary's thresholds) and writes the checkpoint.
+
+At the end the driver takes the last checkpoint, sets per-tag thresholds calibrated on the validation
+split (best F1), and publishes the model in our safe format with its metrics and its own evaluation
+scores (`eval/`), so that what serves it can be checked against what the job measured.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from ramplus_core import RamPlus, Vocabulary, load_checkpoint, load_image, save_pretrained
+from ramplus_core.evaluation import calibrate_thresholds, label_prior_map, mean_average_precision, precision_recall_f1
+from ramplus_core.preprocess import pil_to_tensor
+from ramplus_core.tagger import create_model
+from ramplus_core.training import LossWeights, RamPlusTraining, build_optimizer, caption_targets, tag_targets, warmup_cosine
+from workers.artifacts import publish_artifact, resolve_checkpoint
+from workers.errors import InputError
+from workers.fetchers import UriFetcher
+from workers.manifest import ManifestRecord, read_manifest
+from workers.settings import Settings, TrainSettings
+
+log = structlog.get_logger("ramplus.retrain")
+
+CHECKPOINT_MODEL = "model"  # save_pretrained directory inside a checkpoint
+CHECKPOINT_OPTIMIZER = "optimizer.pt"  # tensors + numbers only: read back with weights_only=True
+CHECKPOINT_STATE = "state.json"
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Examples:
+    pixels: torch.Tensor  # [N, 3, S, S], the official preprocessing
+    tags: list[list[str]]
+    captions: list[list[str]]
+    uris: list[str]
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+
+def resolve_uri(uri: str, manifest: str) -> str:
+    """Manifest URIs may be relative to the manifest's own location (a dataset that can be moved)."""
+    if "://" in uri:
+        return uri
+    if uri.startswith("/"):
+        return "file://" + uri
+    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+    if "://" in base:
+        return f"{base}/{uri}"
+    return "file://" + str((Path(base) / uri).resolve())
+
+
+def trusted_fetch_settings(settings: Settings) -> Any:
+    """The fleet's fetch settings, plus the manifest's own bucket or directory: its images are trusted as it is."""
+    fetch = settings.fetch.model_copy(deep=True)
+    manifest = settings.train.manifest or ""
+    if manifest.startswith("s3://"):
+        bucket = manifest[5:].split("/", 1)[0]
+        if bucket not in fetch.s3_buckets:
+            fetch.s3_buckets = [*fetch.s3_buckets, bucket]
+    elif manifest:
+        root = Path(manifest).expanduser().resolve().parent
+        if root not in fetch.file_roots:
+            fetch.file_roots = [*fetch.file_roots, root]
+    return fetch
+
+
+def load_examples(records: list[ManifestRecord], settings: Settings, image_size: int) -> tuple[Examples, dict[str, int]]:
+    """Fetch + decode + preprocess in parallel threads; an unreadable image is counted and skipped."""
+    fetcher = UriFetcher(trusted_fetch_settings(settings), settings.s3)
+    manifest = settings.train.manifest or ""
+    f = settings.fetch
+
+    def one(record: ManifestRecord) -> torch.Tensor | InputError:
+        uri = resolve_uri(record.uri, manifest)
+        try:
+            image = load_image(fetcher.fetch(uri), max_bytes=f.max_bytes, max_pixels=f.max_pixels, name=uri)
+            return pil_to_tensor(image, image_size)
+        except InputError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - a corrupt image must not stop training
+            return InputError("decode", f"{uri}: {type(exc).__name__}: {exc}")
+
+    with ThreadPoolExecutor(f.concurrency) as pool:
+        loaded = list(pool.map(one, records))
+    failures: dict[str, int] = {}
+    keep = []
+    for record, item in zip(records, loaded):
+        if isinstance(item, InputError):
+            failures[item.kind.value] = failures.get(item.kind.value, 0) + 1
+            log.warning("retrain.image_skipped", uri=record.uri, kind=item.kind.value, reason=str(item))
+        else:
+            keep.append((record, item))
+    fetcher.close()
+    if not keep:
+        return Examples(torch.empty(0, 3, image_size, image_size), [], [], []), failures
+    return Examples(
+        torch.stack([p for _, p in keep]), [r.tags for r, _ in keep], [r.captions for r, _ in keep],
+        [r.uri for r, _ in keep],
+    ), failures
+
+
+def split_records(records: list[ManifestRecord], seed: int) -> tuple[list[ManifestRecord], list[ManifestRecord]]:
+    """Train / validation by the manifest's `split` field; without one, a seeded 20% is held out."""
+    if any(r.split is not None for r in records):
+        return [r for r in records if r.split in (None, "train")], [r for r in records if r.split in ("val", "test")]
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, len(order) // 5)
+    return [records[i] for i in order[cut:]], [records[i] for i in order[:cut]]
+
+
+# -- model, vocabulary, text --------------------------------------------------------------------------------
+
+
+def load_training_vocabulary(spec: str | None, settings: Settings) -> Vocabulary:
+    if spec is None:
+        raise ValueError("train.vocabulary is required: a vocabulary file or redis:NAME[@VERSION] (see `ramplus vocab build`)")
+    if spec.startswith("redis:"):
+        import redis
+
+        from workers.vocab_store import VocabStore, parse_ref
+
+        name, version = parse_ref(spec[len("redis:") :])
+        return VocabStore(redis.Redis.from_url(settings.redis.url, socket_timeout=60)).load(name, version)
+    return Vocabulary.load(spec)
+
+
+def initial_model(train: TrainSettings, vocabulary: Vocabulary, settings: Settings) -> RamPlus:
+    if train.init == "scratch":
+        model = create_model(train.model, seed=train.seed)
+    else:
+        model = load_checkpoint(resolve_checkpoint(train.init, settings.s3), trust_pickle=train.trust_checkpoint)
+    model.set_vocabulary(vocabulary)
+    return model
+
+
+def text_encoder(train: TrainSettings, device: torch.device):  # noqa: ANN201
+    from ramplus_core.text_encoder import TextEncoder
+
+    weights = None if train.text_weights in (None, "none") else train.text_weights
+    return TextEncoder(train.text_encoder, weights, device=device, seed=train.text_seed)
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(directory: Path, model: RamPlus, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
+    save_pretrained(model, directory / CHECKPOINT_MODEL)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / CHECKPOINT_OPTIMIZER)
+    (directory / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
+
+
+def read_training_state(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / CHECKPOINT_STATE).read_text())
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate(model: RamPlus, examples: Examples, batch_size: int = 64) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scores (sigmoid, fp32 on CPU, exactly as the fleet computes them) and the metrics over them."""
+    was_training = model.training
+    model.eval()
+    vocab = model.vocabulary
+    assert vocab is not None
+    device = model.reweight_scale.device
+    parts = []
+    for start in range(0, len(examples), batch_size):
+        x = examples.pixels[start : start + batch_size].to(device, model.reweight_scale.dtype)
+        parts.append(torch.sigmoid(model.tag_logits(x).float()).cpu())
+    model.train(was_training)
+    scores = torch.cat(parts) if parts else torch.empty(0, len(vocab))
+    targets = tag_targets(examples.tags, vocab.tags)
+    metrics: dict[str, float] = {"val_images": float(len(examples))}
+    if len(examples) and bool(targets.any()):
+        at = precision_recall_f1(scores, targets, vocab.thresholds)
+        metrics |= {
+            "val_map": mean_average_precision(scores, targets), "prior_map": label_prior_map(targets),
+            "val_precision": at.micro_precision, "val_recall": at.micro_recall, "val_f1": at.micro_f1,
+        }
+    return scores, metrics
+
+
+# -- the per-worker loop ------------------------------------------------------------------------------------
+
+
+def _shard(records: list[ManifestRecord], rank: int, world: int, seed: int) -> list[ManifestRecord]:
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    per_rank = len(order) // world
+    return [records[i] for i in order[rank * per_rank : (rank + 1) * per_rank]]
+
+
+def _all_min(value: int) -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+    return value
+
+
+def _any(flag: bool) -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`: `config["settings"]` is the Settings as JSON-able data."""
+    import ray.train
+    import ray.train.torch
+
+    settings = Settings(**config["settings"])
+    train = settings.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    started = time.monotonic()
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    torch.manual_seed(train.seed)
+    device = ray.train.torch.get_device()
+    wlog = log.bind(rank=rank, world=world)
+
+    vocabulary = load_training_vocabulary(train.vocabulary, settings)
+    model = initial_model(train, vocabulary, settings)
+    image_size = model.config.image_size
+    records = read_manifest(train.manifest or "", s3=settings.s3)
+    train_records, val_records = split_records(records, train.seed)
+    mine, failures = load_examples(_shard(train_records, rank, world, train.seed), settings, image_size)
+    val = load_examples(val_records, settings, image_size)[0] if rank == 0 else None
+    encoder = text_encoder(train, torch.device("cpu"))
+    captions = sorted({c for cs in mine.captions for c in cs})
+    caption_index = {c: i for i, c in enumerate(captions)}
+    caption_bank = encoder.encode(captions).clone()  # a normal tensor: inference-mode ones cannot be saved for backward
+    del encoder
+    per_rank_batch = max(1, train.batch_size // world)
+    steps_per_epoch = _all_min(len(mine)) // per_rank_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"rank {rank}: {len(mine)} usable training images, fewer than one batch of {per_rank_batch}")
+    wlog.info("retrain.data", images=len(mine), skipped=failures, captions=len(captions), steps_per_epoch=steps_per_epoch,
+              val_images=len(val) if val is not None else None)
+
+    teacher = None
+    if train.teacher and train.distill_weight > 0:
+        teacher = load_checkpoint(resolve_checkpoint(train.teacher, settings.s3)).to(device).eval()
+    step_module = RamPlusTraining(model, vocabulary, LossWeights(train.tag_weight, train.text_weight, train.distill_weight))
+    step_module = ray.train.torch.prepare_model(step_module)
+    inner: RamPlusTraining = step_module.module if hasattr(step_module, "module") else step_module
+    optimizer = build_optimizer(inner.model, lr=train.lr, weight_decay=train.weight_decay)
+    total_steps = train.epochs * steps_per_epoch
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, total_steps)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            restored = load_checkpoint(Path(d) / CHECKPOINT_MODEL)
+            inner.model.load_state_dict(restored.state_dict())
+            opt = torch.load(Path(d) / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(opt["optimizer"])
+            scheduler.load_state_dict(opt["scheduler"])
+            state = read_training_state(Path(d))
+        wlog.info("retrain.resumed", epoch=state["epoch"], step=state["step"])
+
+    use_amp = device.type == "cuda"
+    generator = torch.Generator().manual_seed(train.seed * 1000 + rank)
+    stop = False
+    for epoch in range(state["epoch"], train.epochs):
+        generator.manual_seed(train.seed * 1000 + rank * 100_000 + epoch)
+        order = torch.randperm(len(mine), generator=generator)
+        sums = {"loss": 0.0, "tag": 0.0, "text": 0.0}
+        epoch_start = time.monotonic()
+        step_module.train()
+        for b in range(steps_per_epoch):
+            idx = order[b * per_rank_batch : (b + 1) * per_rank_batch]
+            images = mine.pixels[idx]
+            if train.flip:
+                flips = torch.rand(len(idx), generator=generator) < 0.5
+                images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+            picked = [mine.captions[i][int(torch.randint(len(mine.captions[i]), (1,), generator=generator))] for i in idx.tolist()]
+            batch_captions = sorted(set(picked))
+            cap = caption_bank[[caption_index[c] for c in batch_captions]]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = step_module(
+                    images.to(device), tag_targets([mine.tags[i] for i in idx.tolist()], vocabulary.tags).to(device),
+                    cap.to(device), caption_targets([mine.captions[i] for i in idx.tolist()], batch_captions).to(device),
+                    teacher.encode_image(images.to(device))[:, 0] if teacher is not None else None,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            for k in sums:
+                if k in out:
+                    sums[k] += float(out[k].detach())
+            if train.max_minutes is not None and _any(time.monotonic() - started > train.max_minutes * 60):
+                stop = True
+                break
+        done = b + 1
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1, "step": state["step"],
+            **{f"train_{k}": v / done for k, v in sums.items()},
+            "images_per_s": done * per_rank_batch * world / max(1e-9, time.monotonic() - epoch_start),
+            "elapsed_s": time.monotonic() - started,
+        }
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            assert val is not None
+            _, val_metrics = evaluate(inner.model, val)
+            metrics |= val_metrics
+            state["history"].append(metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_training_checkpoint(Path(tmp), inner.model, optimizer, scheduler, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        wlog.info("retrain.epoch", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        if stop:
+            wlog.info("retrain.time_limit", minutes=train.max_minutes, step=state["step"])
+            break
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    artifact: str | None
+    checkpoint_path: str
+
+
+def storage(train: TrainSettings, settings: Settings) -> tuple[str, Any]:
+    """Ray Train's storage: an s3:// path through pyarrow (honouring the S3 endpoint of the settings) or a dir."""
+    if not train.storage_path.startswith("s3://"):
+        return str(Path(train.storage_path).expanduser().resolve()), None
+    import boto3
+    import pyarrow.fs
+
+    creds = boto3.Session().get_credentials()
+    if creds is None:
+        raise ValueError("no AWS credentials for the S3 storage path (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or role)")
+    frozen = creds.get_frozen_credentials()
+    endpoint = settings.s3.endpoint_url
+    fs = pyarrow.fs.S3FileSystem(
+        access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token,
+        region=settings.s3.region,
+        endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None,
+        scheme=endpoint.split("://", 1)[0] if endpoint else "https",
+    )
+    return train.storage_path[len("s3://") :], fs
+
+
+def run(settings: Settings, *, version: str | None = None) -> RetrainResult:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    train = settings.train
+    if not train.manifest:
+        raise ValueError("train.manifest is required (RAMPLUS_TRAIN__MANIFEST or [train] manifest)")
+    if not ray.is_initialized():
+        ray.init(address=settings.fleet.ray_address or None, log_to_driver=True)
+    path, fs = storage(train, settings)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"settings": settings.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=train.run_name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = read_training_state(Path(d))
+        model = load_checkpoint(Path(d) / CHECKPOINT_MODEL)
+    artifact = None
+    if train.output:
+        version = version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        artifact = publish_model(model, settings, state, f"{train.output.rstrip('/')}/{train.run_name}/{version}")
+    log.info("retrain.done", artifact=artifact, **{k: v for k, v in state["history"][-1].items() if not isinstance(v, dict)})
+    return RetrainResult(state["history"][-1], state["history"], artifact, result.checkpoint.path)
+
+
+def publish_model(model: RamPlus, settings: Settings, state: dict[str, Any], dest: str) -> str:
+    """Calibrate thresholds on the validation split, evaluate once more with them, publish the artifact."""
+    train = settings.train
+    records = read_manifest(train.manifest or "", s3=settings.s3)
+    _, val_records = split_records(records, train.seed)
+    val = load_examples(val_records, settings, model.config.image_size)[0]
+    scores, _ = evaluate(model, val)
+    vocab = model.vocabulary
+    assert vocab is not None
+    if train.calibrate and len(val):
+        targets = tag_targets(val.tags, vocab.tags)
+        model.set_vocabulary(vocab.with_thresholds(calibrate_thresholds(scores, targets, default=float(vocab.thresholds.mean()))))
+    scores, metrics = evaluate(model, val)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = save_pretrained(model, Path(tmp) / "artifact")
+        (out / "metrics.json").write_text(json.dumps(
+            {"final": metrics, "history": state["history"], "run_name": train.run_name, "steps": state["step"],
+             "train": train.model_dump(mode="json")}, indent=1, default=str))
+        (out / "eval").mkdir()
+        from safetensors.torch import save_file
+
+        save_file({"scores": scores.contiguous()}, str(out / "eval" / "val_scores.safetensors"))
+        (out / "eval" / "val_uris.json").write_text(json.dumps([resolve_uri(u, train.manifest or "") for u in val.uris]))
+        return publish_artifact(out, dest, settings.s3)
