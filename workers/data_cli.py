@@ -23,6 +23,7 @@ def synth(
     size: Annotated[int, typer.Option(min=32, max=2048, help="Image side in pixels.")] = 128,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images in the val split.")] = 0.2,
     config: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_CONFIG", help="TOML or JSON settings file (for S3).")] = None,
+    create_bucket: Annotated[bool, typer.Option(help="Create the S3 bucket if it does not exist.")] = False,
 ) -> None:
     """Write coloured shapes on textured backgrounds with tags, captions and tag descriptions, plus a manifest."""
     from workers.logs import configure_logging
@@ -44,6 +45,10 @@ def synth(
         except (ValidationError, FileNotFoundError, ValueError) as exc:
             _fail(f"bad settings: {exc}")
     try:
+        if s3 is not None and create_bucket:
+            from workers.s3_sink import ensure_bucket, s3_client
+
+            ensure_bucket(s3_client(s3), out[len("s3://"):].split("/", 1)[0])
         summary = write_dataset(out, n=n, seed=seed, size=size, val_fraction=val_fraction, s3=s3)
     except (RamPlusError, ValueError, OSError) as exc:
         _fail(str(exc))

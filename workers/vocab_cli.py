@@ -43,13 +43,31 @@ def _run(action):  # noqa: ANN001, ANN202
         _fail(str(exc))
 
 
+def _local_copy(location: str) -> Path:
+    """A local path for `location`; an s3:// object (endpoint from the settings) is downloaded first."""
+    if not location.startswith("s3://"):
+        return Path(location)
+    import tempfile
+
+    from workers.s3_sink import s3_client
+    from workers.settings import Settings
+
+    bucket, _, key = location[len("s3://"):].partition("/")
+    target = Path(tempfile.mkdtemp(prefix="ramplus-vocab-")) / (key.rsplit("/", 1)[-1] or "descriptions.json")
+    try:
+        s3_client(Settings.load().s3).download_file(bucket, key, str(target))
+    except Exception as exc:  # noqa: BLE001 - one clear line, whatever botocore raised
+        _fail(f"cannot read {location}: {type(exc).__name__}: {exc}")
+    return target
+
+
 @app.command()
 def build(
     out: Annotated[Path, typer.Argument(help="Vocabulary file to write (.safetensors).")],
     name: Annotated[str, typer.Option(help="Vocabulary name.")],
     version: Annotated[str, typer.Option(help="Version label.")] = "1",
     tags: Annotated[Optional[Path], typer.Option(help="Tag list, one per line (template 'a photo of a {tag}.').")] = None,
-    descriptions: Annotated[Optional[Path], typer.Option(help="Descriptions JSON: a list of {tag: [descriptions]}.")] = None,
+    descriptions: Annotated[Optional[str], typer.Option(help="Descriptions JSON: a list of {tag: [descriptions]}; a path or s3://bucket/key.")] = None,
     llm: Annotated[bool, typer.Option(help="Ask the LLM (RAMPLUS_LLM_*) for descriptions of --tags.")] = False,
     text_encoder: Annotated[str, typer.Option(help="open_clip model.")] = "ViT-B-16",
     text_weights: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_TEXT_ENCODER_WEIGHTS", help="'openai' or a local weights file; 'none' = random (tests only).")] = "openai",
@@ -68,7 +86,7 @@ def build(
         weights = None if text_weights in (None, "none") else text_weights
         encoder = TextEncoder(text_encoder, weights)
         encoder_id = f"{text_encoder}/{weights or 'random'}"
-        items = load_descriptions(descriptions) if descriptions else []
+        items = load_descriptions(_local_copy(descriptions)) if descriptions else []
         known = {next(iter(item)) for item in items}
         missing = [t for t in read_tag_list(tags) if t not in known] if tags is not None else []
         if missing and llm:
