@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 import structlog
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from ramplus_core import RamPlus, Vocabulary, load_checkpoint
 from workers.engine import TaggingEngine
@@ -53,8 +55,11 @@ class Replica:
         self.log = log.bind(replica=index)
         f, fleet = settings.fetch, settings.fleet
         # The client connects on first use: a fleet that never names a vocabulary never talks to Redis.
+        # Few, short retries: callers (the watcher, the vocabulary cache) have their own backoff, and a
+        # call that retries for seconds would hold a fetch thread while Redis is away.
         self.vocab_store = VocabStore(redis.Redis.from_url(
             settings.redis.url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         ))
         self.engine = TaggingEngine(
             model or load_model(settings), device=settings.model.device, precision=settings.model.precision,

@@ -41,12 +41,17 @@ class VocabularyCache:
         capacity: int = 4,
         resolve_ttl_s: float = 1.0,
         refused_ttl_s: float = 30.0,
+        outage_backoff_s: float = 5.0,
         metrics: ReplicaMetrics | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.prepare, self.load, self.active_version = prepare, load, active_version
         self.capacity, self.resolve_ttl_s, self.refused_ttl_s = capacity, resolve_ttl_s, refused_ttl_s
+        # After a failed store call, fail fast for a while: a client retrying each call for seconds on a
+        # fetch thread would stall the stream while the store is away.
+        self.outage_backoff_s = outage_backoff_s
+        self._store_down_until = 0.0
         self.metrics = metrics or ReplicaMetrics()
         self._items: OrderedDict[str, VocabularyTensors] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
@@ -115,6 +120,7 @@ class VocabularyCache:
             raise InputError(ErrorKind.VALIDATION, f"vocabulary {ref} is not served here (no vocabulary store configured)")
         started = time.monotonic()
         try:
+            self._check_store(ref)
             vocab = self.prepare(self.load(name, version))
         except VocabularyError as exc:  # unknown, corrupt or the wrong shape: the request's problem
             why = str(exc).removeprefix("vocabulary ").removeprefix(f"{ref}: ")
@@ -123,11 +129,21 @@ class VocabularyCache:
             log.warning("vocab.cache_refused", vocab=ref, reason=why)
             raise InputError(ErrorKind.VALIDATION, f"vocabulary {ref} is refused: {why}") from exc
         except Exception as exc:  # the store is away: say so, the dead letter can be replayed once it is back
+            self._mark_down(exc)
             self.metrics.vocab_cache.labels(outcome="unavailable").inc()
             raise InputError(ErrorKind.FETCH, f"vocabulary {ref}: store unavailable ({type(exc).__name__}: {exc})") from exc
         self.metrics.vocab_cache.labels(outcome="loaded").inc()
         log.info("vocab.cache_loaded", vocab=ref, tags=vocab.num_tags, seconds=round(time.monotonic() - started, 3))
         return vocab
+
+    def _check_store(self, what: str) -> None:
+        if time.monotonic() < self._store_down_until:
+            raise ConnectionError(f"the vocabulary store failed recently; not asked about {what} until it has had time to come back")
+
+    def _mark_down(self, exc: Exception) -> None:
+        if not isinstance(exc, ConnectionError) or "failed recently" not in str(exc):
+            log.warning("vocab.store_unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=self.outage_backoff_s)
+            self._store_down_until = time.monotonic() + self.outage_backoff_s
 
     def _resolve(self, name: str) -> str:
         """`name` -> its active version, looked up at most every `resolve_ttl_s`; the last answer while the store is away."""
@@ -138,10 +154,12 @@ class VocabularyCache:
         if self.active_version is None:
             raise InputError(ErrorKind.VALIDATION, f"vocabulary {name!r} is not served here (no vocabulary store configured)")
         try:
+            self._check_store(name)
             version = self.active_version(name)
         except VocabularyError as exc:
             raise InputError(ErrorKind.VALIDATION, f"vocabulary {name!r}: {exc}") from exc
         except Exception as exc:
+            self._mark_down(exc)
             if known is not None:
                 return known[0]
             self.metrics.vocab_cache.labels(outcome="unavailable").inc()

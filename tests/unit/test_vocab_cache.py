@@ -105,7 +105,7 @@ def test_a_bad_version_is_refused_as_validation_and_not_reloaded_for_each_reques
 
 def test_a_name_follows_its_active_version_and_keeps_the_last_answer_while_the_store_is_away():
     store = CountingStore(vocabulary("a", "1"), vocabulary("a", "2", seed=2))
-    cache = make_cache(store, resolve_ttl_s=0.0)
+    cache = make_cache(store, resolve_ttl_s=0.0, outage_backoff_s=0.0)
     with pytest.raises(InputError) as err:
         cache.get("a", None)
     assert err.value.kind is ErrorKind.VALIDATION and "no active version" in str(err.value)
@@ -127,6 +127,28 @@ def test_a_name_follows_its_active_version_and_keeps_the_last_answer_while_the_s
     with pytest.raises(InputError) as err:  # store back: a real answer, not a cached outage
         cache.get("a", "3")
     assert err.value.kind is ErrorKind.VALIDATION
+
+
+def test_while_the_store_is_away_it_is_asked_once_per_backoff_not_per_request():
+    store = CountingStore(vocabulary("a", "1"))
+    store.active["a"] = "1"
+    calls: list[str] = []
+    real = store.active_version
+    store.active_version = lambda name: calls.append(name) or real(name)
+    cache = make_cache(store, resolve_ttl_s=0.0, outage_backoff_s=0.3)
+    assert cache.get("a", None).vocabulary.ref == "a@1"
+    store.down = True
+    for _ in range(20):
+        assert cache.get("a", None).vocabulary.ref == "a@1"  # the last answer, without asking every time
+        with pytest.raises(InputError) as err:
+            cache.get("a", "2")
+        assert err.value.kind is ErrorKind.FETCH
+    assert len(calls) == 2 and store.loads == ["a@1"]  # one call before, one failed call during the outage
+    time.sleep(0.35)
+    store.down = False
+    store.active["a"] = "1"
+    cache.get("a", None)
+    assert len(calls) == 3  # asked again once the backoff has passed
 
 
 def test_without_a_store_only_the_active_and_previous_versions_are_served():

@@ -41,7 +41,7 @@ def test_descriptions_format_builds_a_ragged_vocabulary(tiny_text_encoder):
     assert vocab.embeddings[1, 1:].abs().sum() == 0  # padding
     torch.testing.assert_close(vocab.embeddings[0].norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(vocab.embeddings[1, 0], tiny_text_encoder.encode(["a photo of a rocket."])[0])
-    assert vocab.metadata.text_encoder == "open_clip:ramplus-tiny-text/random"
+    assert vocab.metadata.text_encoder == "open_clip:ramplus-tiny-text/random-seed0"
     assert vocab.thresholds.eq(0.5).all()
 
 
