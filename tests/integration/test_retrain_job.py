@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,18 +42,34 @@ def ray_head(stack, tmp_path_factory):
     env = {**os.environ, **{k: v for k, v in stack.env.items() if k.startswith("AWS_")}}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this environment's
     env.pop("RAY_ADDRESS", None)
+    # Token auth, as the README sets it up; a token of its own so that ~/.ray/auth_token is left alone.
+    env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"] = "token", uuid.uuid4().hex
+    # Every port of its own: the defaults (10001, 52365, ...) may be taken by another Ray on this machine.
+    ports = {flag: free_port() for flag in ("--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                                             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")}
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+        [str(BIN / "ray"), "start", "--head", *(f"{k}={v}" for k, v in ports.items()), f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--num-cpus=3", "--include-dashboard=true", "--disable-usage-stats",
          f"--temp-dir={temp}"],
         env=env, check=True, capture_output=True, timeout=120,
     )
     yield f"http://127.0.0.1:{dashboard}", env
-    out = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
-    for pid in out:
+    # The cluster's daemons name the temp dir on their command lines; their children (agents, workers)
+    # may not, so take whole process trees.
+    import psutil
+
+    doomed: dict[int, psutil.Process] = {}
+    gcs = f":{ports['--port']}"  # the client server names the GCS address, not the temp dir
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or ())
+        if str(temp) in line or gcs in line:
+            doomed[proc.pid] = proc
+            for child in proc.children(recursive=True):
+                doomed[child.pid] = child
+    for proc in doomed.values():
         try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
             pass
 
 
@@ -64,7 +81,7 @@ def submit(address: str, env: dict[str, str], config: Path, *, wait: bool) -> su
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
 
 
-def test_a_killed_job_resumes_from_its_last_s3_checkpoint(stack, ray_head, s3_client, tmp_path):
+def test_a_killed_job_resumes_from_its_last_s3_checkpoint(stack, aws_env, ray_head, s3_client, tmp_path):
     address, env = ray_head
     bucket = f"job-{uuid.uuid4().hex[:8]}"
     s3_client.create_bucket(Bucket=bucket)
@@ -99,9 +116,14 @@ workers = 2
 cpus_per_worker = 1
 """)
     try:
-        first = submit(address, env, config, wait=False)
-        assert first.returncode == 0, first.stderr
-        job_id = next(w for w in first.stdout.split() if w.startswith("raysubmit_"))
+        deadline = time.monotonic() + 90
+        while True:  # the head's job agent takes a few seconds to come up after `ray start`
+            first = submit(address, env, config, wait=False)
+            if first.returncode == 0 or "No available agent" not in first.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert first.returncode == 0, first.stderr[-3000:]
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", first.stdout + first.stderr).group(0)
 
         def checkpoints() -> list[str]:
             pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"runs/{run_name}/")
@@ -116,7 +138,7 @@ cpus_per_worker = 1
         assert stopped.returncode == 0, stopped.stderr
         status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env=env,
                                 capture_output=True, text=True, timeout=60).stdout
-        assert "STOPPED" in status, status
+        assert "was stopped" in status or "STOPPED" in status, status
         killed_at = max(json.loads(s3_client.get_object(Bucket=bucket, Key=k)["Body"].read())["step"] for k in checkpoints())
 
         second = submit(address, env, config, wait=True)
