@@ -40,6 +40,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class ImageDecoder:
+    """Bytes -> model-ready pixels without the model: what fetch threads and backfill decode tasks run.
+
+    With `fast=True`, uint8 [3, h, w] (JPEGs decoded in the DCT domain near the model's size; the final
+    resize happens batched in `TaggingEngine.infer`); with `fast=False`, the official float [3, S, S].
+    """
+
+    def __init__(self, image_size: int, *, fast: bool = True, max_bytes: int = 20 * 1024 * 1024, max_pixels: int = 40_000_000) -> None:
+        self.image_size = image_size
+        self.fast = FastPreprocessor(image_size, "cpu") if fast else None
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+
+    def decode(self, data: bytes, name: str) -> torch.Tensor:
+        """Thread-safe. Raises InputError (too_large, not_image, decode)."""
+        try:
+            image = load_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, name=name)
+            return self.fast.decode(image) if self.fast is not None else pil_to_tensor(image, self.image_size)
+        except ImageError as exc:
+            raise input_error_from(exc) from exc
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's last-resort errors while converting
+            raise input_error_from(ImageError(f"{name}: cannot decode ({exc})")) from exc
+
+
 class TaggingEngine:
     def __init__(
         self,
@@ -67,7 +90,7 @@ class TaggingEngine:
         self.image_size = model.config.image_size
         self.model_id = model.config.key
         self.fast = FastPreprocessor(self.image_size, self.device) if fast else None
-        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.decoder = ImageDecoder(self.image_size, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels)
         self.threshold, self.top_k = threshold, top_k
         self._vocab_lock = threading.Lock()
         # Without a store it still keeps the versions it switched away from (for requests pinned to them).
@@ -114,13 +137,7 @@ class TaggingEngine:
 
     def decode(self, data: bytes, name: str) -> torch.Tensor:
         """Thread-safe: uint8 [3, h, w] (fast path) or the official float [3, S, S]. Raises InputError."""
-        try:
-            image = load_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, name=name)
-            return self.fast.decode(image) if self.fast is not None else pil_to_tensor(image, self.image_size)
-        except ImageError as exc:
-            raise input_error_from(exc) from exc
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's last-resort errors while converting
-            raise input_error_from(ImageError(f"{name}: cannot decode ({exc})")) from exc
+        return self.decoder.decode(data, name)
 
     @torch.inference_mode()
     def infer(self, pixels: Sequence[torch.Tensor], vocabularies: Sequence[VocabularyTensors | None] | None = None) -> list[ImageTags]:

@@ -88,6 +88,8 @@ class JsonLinesDirSink:
 
     def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
         topic, partition = tp
+        if results[0].source is None or results[-1].source is None:
+            raise ValueError("stream results must carry their source offsets")
         first, last = results[0].source.offset, results[-1].source.offset
         path = self.directory / f"{topic}-{partition:05d}-{first:020d}-{last:020d}.jsonl"
         tmp = path.with_suffix(".tmp")

@@ -72,7 +72,9 @@ class S3ResultSink:
         return int(first), int(last)
 
     def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
-        offsets = [r.source.offset for r in results]
+        offsets = [r.source.offset for r in results if r.source is not None]
+        if len(offsets) != len(results):
+            raise ValueError("stream results must carry their source offsets")
         body = "".join(r.model_dump_json() + "\n" for r in results).encode()
         self.client.put_object(
             Bucket=self.bucket, Key=self.key(tp, min(offsets), max(offsets)), Body=body, ContentType="application/x-ndjson"

@@ -83,7 +83,7 @@ class TagResult(BaseModel):
     model: str = Field(description="the model's id (config key)")
     ts: datetime = Field(default_factory=utc_now)
     worker: str
-    source: SourceRef
+    source: SourceRef | None = Field(default=None, description="The request's topic position (stream); none in a backfill")
     meta: dict[str, Any] | None = None
 
 

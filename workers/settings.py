@@ -134,6 +134,21 @@ class TrainSettings(BaseModel):
     seed: int = Field(0, description="Shuffling, flips and initialisation")
 
 
+class BackfillSettings(BaseModel):
+    input: str | None = Field(None, description="s3://bucket/prefix of the images to tag")
+    output: str | None = Field(None, description="s3://bucket/prefix/ for result and error shards")
+    vocab: str | None = Field(None, description="NAME or NAME@VERSION from Redis (NAME: its active version); None: the model's own")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="Glob patterns on keys relative to the input prefix")
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of keys to leave out")
+    max_bytes: int | None = Field(None, ge=1, description="Larger objects go to the error report unread (None: fetch.max_bytes)")
+    shard_size: int = Field(1000, ge=1, description="Average images per result shard (shard boundaries follow the keys)")
+    format: Literal["jsonl", "parquet"] = Field("jsonl", description="Result shard format")
+    replicas: int | None = Field(None, ge=1, description="Tagging actors (None: one per GPU in the cluster, else 1)")
+    decode_tasks: int | None = Field(None, ge=1, description="Concurrent fetch + decode tasks (None: Ray Data decides)")
+    batch_size: int = Field(32, ge=1, description="Images per forward pass")
+    retry_transient: bool = Field(True, description="A rerun redoes shards whose errors were transient (fetch, internal)")
+
+
 class Settings(BaseSettings):
     """Everything `ramplus serve` and `ramplus produce` need."""
 
@@ -147,6 +162,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    backfill: BackfillSettings = Field(default_factory=BackfillSettings)
 
     @field_validator("fetch")
     @classmethod
