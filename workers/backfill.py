@@ -89,7 +89,8 @@ class BackfillSummary(BaseModel):
     images_tagged: int = 0
     errors: dict[str, int] = Field(default_factory=dict)
     seconds: float = 0.0
-    images_per_s: float = 0.0
+    images_per_s: float = Field(0.0, description="Tagged images / seconds since the pipeline started (start-up included)")
+    images_per_s_steady: float = Field(0.0, description="Images / seconds from the first 10% of this run's images to its end")
 
 
 def model_fingerprint(model: RamPlus) -> str:
@@ -414,9 +415,13 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
     if threading.current_thread() is threading.main_thread():  # `ray job stop` sends SIGTERM
         signal.signal(signal.SIGTERM, _raise_interrupted)
     tag_started = time.monotonic()
+    processed, tenth, steady_from = 0, max(1, len(items) // 10), (0, tag_started)
     try:
         if items:
             for row in _pipeline(settings, plan, fetch, model, fingerprint, vocab, vocab_ref, items):
+                processed += 1
+                if processed == tenth:
+                    steady_from = (processed, time.monotonic())
                 ok = not row["error_kind"]
                 if ok:
                     summary.images_tagged += 1
@@ -441,6 +446,9 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
     summary.seconds = round(time.monotonic() - started, 3)
     tag_seconds = time.monotonic() - tag_started
     summary.images_per_s = round(summary.images_tagged / tag_seconds, 2) if tag_seconds > 0 else 0.0
+    steady_seconds = time.monotonic() - steady_from[1]
+    if processed > steady_from[0] and steady_seconds > 0:
+        summary.images_per_s_steady = round((processed - steady_from[0]) / steady_seconds, 2)
     client.put_object(Bucket=plan.out_bucket, Key=f"{plan.run}summary.json", Body=summary.model_dump_json(indent=2).encode())
     log.info("backfill.done", **summary.model_dump(exclude={"input", "output", "fingerprint"}))
     if not summary.complete:
