@@ -43,6 +43,7 @@ from workers.backfill_plan import (
     existing_shards,
     list_objects,
     plan_shards,
+    require_bucket,
     run_prefix,
     select,
     split_s3_prefix,
@@ -169,6 +170,8 @@ class BackfillTagger:
         model = load_model(settings)
         if model_fingerprint(model) != cfg["fingerprint"]:
             raise RuntimeError("the checkpoint changed since the backfill started: its weights differ from the driver's")
+        if settings.model.device == "cpu" or not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(settings.backfill.cpus_per_replica)))
         self.bucket = cfg["bucket"]
         self.worker = f"{socket.gethostname()}/backfill-{os.getpid()}"
         f = settings.fetch
@@ -336,6 +339,8 @@ def make_plan(settings: Settings, client: Any, model: RamPlus, fingerprint: str,
     run = run_prefix(out_prefix, model.config.key, fingerprint, vocab_ref)
     if out_bucket == bucket and (run.startswith(prefix) or not prefix):
         raise ValueError(f"--output {b.output} is inside --input {b.input}: results would be listed as images")
+    require_bucket(client, bucket, "--input")
+    require_bucket(client, out_bucket, "--output")
     summary = BackfillSummary(input=b.input, output=f"s3://{out_bucket}/{run}", model=model.config.key, fingerprint=fingerprint, vocab=vocab_ref)
     listing = tqdm(list_objects(client, bucket, prefix), desc="listing", unit="obj", disable=not progress, mininterval=1.0)
     selection: Selection = select(listing, prefix, b.include, b.exclude, b.max_bytes or settings.fetch.max_bytes)
@@ -489,12 +494,14 @@ def _pipeline(
     decode_batch = max(8, min(64, b.batch_size))
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // decode_batch, 10_000)))
     ds = ds.map_batches(
-        fetch_and_decode, fn_kwargs={"config": decode_config}, batch_size=decode_batch, batch_format="pyarrow", num_cpus=1,
+        # Its own CPU request (not the replicas'): Ray Data would otherwise fuse decoding into the actors,
+        # where it runs in turn with the forward pass instead of beside it.
+        fetch_and_decode, fn_kwargs={"config": decode_config}, batch_size=decode_batch, batch_format="pyarrow", num_cpus=b.decode_cpus,
         compute=ray.data.TaskPoolStrategy(size=b.decode_tasks) if b.decode_tasks else None, udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
         BackfillTagger, fn_constructor_kwargs={"config": tag_config}, batch_size=b.batch_size, batch_format="pyarrow",
-        num_cpus=1, num_gpus=1 if use_gpu else 0, compute=ray.data.ActorPoolStrategy(size=replicas), udf_modifying_row_count=False,
+        num_cpus=b.cpus_per_replica, num_gpus=1 if use_gpu else 0, compute=ray.data.ActorPoolStrategy(size=replicas), udf_modifying_row_count=False,
     )
     log.info("backfill.pipeline", images=len(items), replicas=replicas, gpus_per_replica=1 if use_gpu else 0, decode_tasks=b.decode_tasks)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -136,6 +136,15 @@ def shard_of(key: str, folder: str) -> str | None:
     return name.split(".", 1)[0]
 
 
+def require_bucket(client: Any, bucket: str, what: str) -> None:
+    """A clear error now rather than a failed write after an hour of tagging."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:  # noqa: BLE001 - botocore's ClientError; 404 and 403 say the same to the user
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        raise ValueError(f"{what}: bucket {bucket!r} is not there or not accessible ({code})") from exc
+
+
 def existing_shards(client: Any, bucket: str, run: str, folder: str) -> dict[str, str]:
     """{shard name: object key} under `run` + `folder`."""
     out: dict[str, str] = {}

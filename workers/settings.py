@@ -146,6 +146,8 @@ class BackfillSettings(BaseModel):
     replicas: int | None = Field(None, ge=1, description="Tagging actors (None: one per GPU in the cluster, else 1)")
     decode_tasks: int | None = Field(None, ge=1, description="Concurrent fetch + decode tasks (None: Ray Data decides)")
     batch_size: int = Field(32, ge=1, description="Images per forward pass")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs a tagging actor reserves (on CPU: its torch threads)")
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs a fetch + decode task reserves")
     retry_transient: bool = Field(True, description="A rerun redoes shards whose errors were transient (fetch, internal)")
 
 

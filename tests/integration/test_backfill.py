@@ -212,3 +212,30 @@ def test_backfill_and_fleet_give_the_same_tags_and_scores(stack, ray_cluster, ti
         assert [t["tag"] for t in s["tags"]] == [t["tag"] for t in b["tags"]], uri
         for ts, tb in zip(s["tags"], b["tags"]):
             assert abs(ts["score"] - tb["score"]) <= 1e-5, (uri, ts, tb)
+
+
+def test_bad_arguments_fail_fast_with_a_clear_error(stack, tiny_model_dir, s3_bucket, monkeypatch):
+    import importlib.util
+
+    import typer
+    from typer.testing import CliRunner
+
+    spec = importlib.util.spec_from_file_location("backfill_job", ROOT / "jobs" / "backfill.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    app = typer.Typer()
+    app.command()(job.main)
+    for key, value in {**stack.env, "RAMPLUS_S3__ENDPOINT_URL": stack.s3_endpoint, "RAMPLUS_MODEL__CHECKPOINT": str(tiny_model_dir),
+                       "RAMPLUS_MODEL__DEVICE": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    cases = {
+        ("--input", f"s3://no-such-{uuid.uuid4().hex[:6]}/x/", "--output", f"s3://{s3_bucket}/out/"): "--input: bucket",
+        ("--input", f"s3://{s3_bucket}/", "--output", f"s3://{s3_bucket}/out/"): "inside --input",
+        ("--input", f"{s3_bucket}/images", "--output", f"s3://{s3_bucket}/out/"): "expected s3://bucket/prefix",
+        ("--input", f"s3://{s3_bucket}/images/", "--output", f"s3://{s3_bucket}/out/", "--format", "csv"): "format",
+        ("--output", f"s3://{s3_bucket}/out/"): "needs --input",
+    }
+    for args, message in cases.items():
+        done = CliRunner().invoke(app, [*args, "--no-progress"])
+        assert done.exit_code == 2, (args, done.output[-2000:])
+        assert message in done.output, (args, done.output[-2000:])
