@@ -11,7 +11,6 @@ skips the shards already written. Exit status: 0 done, 2 bad arguments, 130 inte
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
