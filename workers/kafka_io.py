@@ -16,6 +16,7 @@ from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTopicPartition
 
 from workers.metrics import ReplicaMetrics
+from workers.offsets import DeliveryGuard
 from workers.records import Record, TopicPartition
 from workers.schemas import DeadLetter
 from workers.settings import KafkaSettings
@@ -24,6 +25,53 @@ log = structlog.get_logger("ramplus.kafka")
 # Offset lookups run on the polling thread: with the broker away they must fail fast (and be retried at
 # the next poll) rather than hold the loop for kafka-python's default request timeout of minutes.
 LOOKUP_TIMEOUT_MS = 5_000
+# Of the session timeout, how much a membership lease keeps back for a write already started and for
+# clock granularity; the lease is the rest, counted from the last heartbeat the broker acknowledged.
+LEASE_MARGIN = 0.25
+# How far before the JoinGroup/SyncGroup answer (seen in the assignment callback) the broker may have
+# started our new session: a round trip on the cluster network, with room to spare.
+JOIN_RTT_S = 1.0
+
+
+class MembershipLease:
+    """Whether the broker can still count this consumer as a member of its group, from our side.
+
+    The broker evicts a member whose heartbeats stop for `session_timeout`, and gives its partitions to
+    others, who clean up past the committed offsets and redo them. The evicted member learns of it only at
+    its next successful contact, and until then it would happily write results for partitions it lost:
+    duplicates no cleanup sees any more. So writes are allowed only inside the session the broker last
+    confirmed: an acknowledged heartbeat sent at t (or a join answered at t) keeps us in until
+    t + session_timeout at least; we stop short of that by a margin.
+
+    kafka-python 3 keeps those times on the coordinator's `Heartbeat` (`last_send`, `last_receive`; a
+    heartbeat's send and receive alternate on one loop, so a receive after the last send acknowledges it).
+    The version is pinned; the constructor refuses a consumer without them, rather than guess.
+    """
+
+    def __init__(self, heartbeat: Any, session_timeout_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not all(hasattr(heartbeat, a) for a in ("last_send", "last_receive")):
+            raise TypeError(f"{type(heartbeat).__name__} has no last_send/last_receive: unsupported kafka-python")
+        self.heartbeat = heartbeat
+        self.length_s = session_timeout_s * (1 - LEASE_MARGIN)
+        self.clock = clock
+        self._confirmed_at = float("-inf")  # the latest send time the broker acknowledged
+        self._was_valid = True
+
+    def joined(self) -> None:
+        """The group just answered our join (called from the assignment callback)."""
+        self._confirmed_at = max(self._confirmed_at, self.clock() - JOIN_RTT_S)
+
+    def valid(self) -> bool:
+        sent, received = self.heartbeat.last_send, self.heartbeat.last_receive
+        if received >= sent:
+            self._confirmed_at = max(self._confirmed_at, sent)
+        return self.clock() < self._confirmed_at + self.length_s
+
+    def check(self) -> tuple[bool, bool]:
+        """(valid now, changed since the last check): for logging transitions once."""
+        valid = self.valid()
+        changed, self._was_valid = valid != self._was_valid, valid
+        return valid, changed
 
 
 class PartitionHooks(Protocol):
@@ -78,6 +126,7 @@ class KafkaSource:
             group_instance_id=instance_id,
             **settings.client_options,
         )
+        self.lease = MembershipLease(self.consumer._coordinator.heartbeat, settings.session_timeout_ms / 1000)
         self.consumer.subscribe(topics=[settings.topic], listener=_Listener(self))
         self._last_lag = 0.0
         # kafka-python 3 runs rebalance callbacks on its IO thread, where no blocking consumer call is
@@ -86,22 +135,46 @@ class KafkaSource:
         self._in_callback = False
         self._recovering: set[TopicPartition] = set()
         self._paused_all = False
+        self._delivered = DeliveryGuard()
 
     # -- the Source protocol ------------------------------------------------------------------------------
 
     def poll(self, timeout_s: float) -> list[Record]:
         batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
-        records = [
-            Record(m.topic, m.partition, m.offset, m.value, m.key, m.timestamp if m.timestamp and m.timestamp > 0 else None)
-            for tp in sorted(batches, key=lambda t: (t.topic, t.partition))
-            if (tp.topic, tp.partition) not in self._recovering  # refetched after the seek
-            for m in batches[tp]
-        ]
+        records: list[Record] = []
+        for ktp in sorted(batches, key=lambda t: (t.topic, t.partition)):
+            tp = (ktp.topic, ktp.partition)
+            if tp in self._recovering:
+                continue  # refetched after the seek
+            for m in batches[ktp]:
+                if not self._delivered.admit(tp, m.offset):
+                    self._skip_replayed(tp, m.offset)
+                    continue
+                records.append(Record(
+                    m.topic, m.partition, m.offset, m.value, m.key, m.timestamp if m.timestamp and m.timestamp > 0 else None
+                ))
         if self._recovering:
             self._recover()
         if self.metrics is not None and time.monotonic() - self._last_lag > 5:
             self._update_lag()
         return records
+
+    def _skip_replayed(self, tp: TopicPartition, offset: int) -> None:
+        if self.metrics is not None:
+            self.metrics.replayed_skipped.inc()
+        log.warning("record.replayed_by_client", partition=tp[1], offset=offset, detail="already taken: not redone")
+
+    def write_allowed(self) -> bool:
+        valid, changed = self.lease.check()
+        if changed:
+            if valid:
+                log.info("membership.confirmed")
+            else:
+                if self.metrics is not None:
+                    self.metrics.ownership_lapses.inc()
+                log.warning("membership.unconfirmed", lease_s=round(self.lease.length_s, 1),
+                            detail="holding writes until the group confirms this member")
+        return valid
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
         kafka_offsets = {_tp(tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
@@ -130,17 +203,25 @@ class KafkaSource:
 
     def _revoked(self, tps: list[TopicPartition], *, commit: bool) -> None:
         self._recovering.difference_update(tps)
+        self._delivered.forget(tps)
         if not tps or self.hooks is None:
+            return
+        if not commit:
+            # Lost: the group has already given them to someone else, who redoes everything uncommitted;
+            # finishing our in-flight records would only write them a second time.
+            self.hooks.forget(tps)
+            log.info("partitions.lost", partitions=[p for _, p in tps])
             return
         self._in_callback = True
         try:
-            drained = self.hooks.drain(tps, commit=commit)
+            drained = self.hooks.drain(tps, commit=True)
         finally:
             self._in_callback = False
         self.hooks.forget(tps)
-        log.info("partitions.revoked" if commit else "partitions.lost", partitions=[p for _, p in tps], drained=drained)
+        log.info("partitions.revoked", partitions=[p for _, p in tps], drained=drained)
 
     def _assigned(self, tps: list[TopicPartition]) -> None:
+        self.lease.joined()
         if not tps:
             return
         if self.on_assigned is not None:
@@ -163,6 +244,7 @@ class KafkaSource:
                 log.warning("partition.recovery_failed", partition=tp[1], error=f"{type(exc).__name__}: {exc}")
                 continue
             self.consumer.seek(_tp(tp), start)  # explicit: the same offset the cleanup assumed
+            self._delivered.reset(tp, start)
             self._recovering.discard(tp)
             if not self._paused_all:
                 self.consumer.resume(_tp(tp))

@@ -56,6 +56,9 @@ class LocalSource:
     def assignment(self) -> list[TopicPartition]:
         return [(self.topic, 0)]
 
+    def write_allowed(self) -> bool:
+        return True  # nobody else can own the partition
+
     def close(self) -> None:
         pass
 

@@ -30,6 +30,17 @@ class ReplicaMetrics:
             "ramplus_end_to_end_seconds", "From the record's timestamp to its result in S3", buckets=LATENCY_BUCKETS, registry=r
         )
         self.in_flight = Gauge("ramplus_in_flight", "Records polled and not yet committable", registry=r)
+        self.stale_dropped = Counter(
+            "ramplus_stale_results_dropped", "Results not written: their partition moved to another replica meanwhile",
+            registry=r,
+        )
+        self.replayed_skipped = Counter(
+            "ramplus_replayed_records_skipped", "Records the Kafka client delivered again without our seek (not redone)",
+            registry=r,
+        )
+        self.ownership_lapses = Counter(
+            "ramplus_ownership_lapses", "Times writes were held: group membership not confirmed recently", registry=r,
+        )
         self.lag = Gauge("ramplus_partition_lag", "Records behind the end of the partition", ["topic", "partition"], registry=r)
         self.vocab_switches = Counter("ramplus_vocab_switches", "Vocabulary versions switched to", registry=r)
         self.vocab_switch_seconds = Histogram(

@@ -67,3 +67,28 @@ class OffsetTracker:
             for table in (self._pending, self._done, self._next, self._committed):
                 table.pop(tp, None)
             self._epoch[tp] = self._epoch.get(tp, 0) + 1
+
+
+class DeliveryGuard:
+    """Per partition, the next offset we expect from the client; anything below it was delivered before.
+
+    A Kafka client may move a partition's position back by itself (kafka-python: offset validation after a
+    leader change, an out-of-range reset). What it delivers again is already in the pipeline or written,
+    and redoing it would write it twice. Our own seeks say where delivery restarts (`reset`).
+    """
+
+    def __init__(self) -> None:
+        self._next: dict[TopicPartition, int] = {}
+
+    def admit(self, tp: TopicPartition, offset: int) -> bool:
+        if offset < self._next.get(tp, -1):
+            return False
+        self._next[tp] = offset + 1
+        return True
+
+    def reset(self, tp: TopicPartition, offset: int) -> None:
+        self._next[tp] = offset
+
+    def forget(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            self._next.pop(tp, None)

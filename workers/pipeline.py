@@ -15,6 +15,13 @@ One pipeline per replica. Four kinds of thread, so that no stage waits on anothe
 A record's offset is committed only after its result was written or its dead letter acknowledged, and
 only once every record before it in its partition is done too (`OffsetTracker`). Nothing is lost: a
 crash replays from the last commit, and the sink makes a replay overwrite rather than duplicate.
+
+Nothing is written twice either, which needs two more rules, because the next owner of a partition
+cleans up past the committed offset once, when it gets the partition: results are written only while
+the source says this replica still owns its partitions (`write_allowed`: a Kafka member evicted while
+it could not reach the broker must not keep writing), and once a partition is forgotten no result
+polled before that is written any more (`forget` waits for a write in progress, the writer re-checks
+before every attempt).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ class Source(Protocol):
     def pause(self, tps: list[TopicPartition]) -> None: ...
     def resume(self, tps: list[TopicPartition]) -> None: ...
     def assignment(self) -> list[TopicPartition]: ...
+    def write_allowed(self) -> bool:
+        """False while this replica cannot be sure it still owns its partitions (see KafkaSource)."""
     def close(self) -> None: ...
 
 
@@ -118,6 +127,9 @@ class StreamPipeline:
         self._stopping = threading.Event()  # no more retries of writes: give up and leave offsets uncommitted
         self._flush = threading.Event()  # draining: do not wait for partial batches
         self._paused = False
+        # Held by the writer around each write attempt, and by `forget`: after `forget` returns, no result
+        # of a forgotten partition can still land in the sink.
+        self._write_lock = threading.Lock()
         self._fatal: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self.stats = {"polled": 0, "tagged": 0, "dead_letters": 0, "commits": 0, "batches": 0}
@@ -206,7 +218,8 @@ class StreamPipeline:
         return self._commit() if commit else True
 
     def forget(self, tps: list[TopicPartition]) -> None:
-        self.tracker.forget(tps)
+        with self._write_lock:
+            self.tracker.forget(tps)
 
     # -- fetch + decode threads ---------------------------------------------------------------------------
 
@@ -306,16 +319,8 @@ class StreamPipeline:
                 )
                 by_partition.setdefault(record.tp, []).append((prepared, result))
             for tp, rows in by_partition.items():
-                # A partition revoked or lost since these were polled belongs to another replica now,
-                # which redoes them: writing them too could duplicate what its recovery already cleaned.
-                rows = [r for r in rows if r[0].epoch == self.tracker.epoch(tp)]
-                if not rows:
-                    continue
                 rows.sort(key=lambda r: r[0].record.offset)
-                try:
-                    self._retry_until_stopped("write", lambda: self.sink.write(tp, [r for _, r in rows]))
-                except PipelineStopped:
-                    continue
+                rows = self._write_owned(tp, rows)
                 now_wall, now = time.time(), time.monotonic()
                 for prepared, _ in rows:
                     ts = prepared.record.timestamp_ms
@@ -324,6 +329,39 @@ class StreamPipeline:
                     self._finished.put((tp, prepared.record.offset, prepared.epoch))
                 self.metrics.images.inc(len(rows))
                 self.stats["tagged"] += len(rows)
+
+    def _write_owned(
+        self, tp: TopicPartition, rows: list[tuple[Prepared, TagResult]]
+    ) -> list[tuple[Prepared, TagResult]]:
+        """Write the rows of `tp` that are still ours, retrying failures; returns those written.
+
+        A partition revoked or lost since a row was polled belongs to another replica now, which redoes
+        it: writing it too could duplicate what that replica's recovery already cleaned. Checked under
+        the write lock before every attempt, so a write never races `forget`; while the source cannot
+        vouch for our membership we wait, without the lock, so that a rebalance can still forget it.
+        """
+        wait = self.retry_wait_s
+        while True:
+            with self._write_lock:
+                current = self.tracker.epoch(tp)
+                stale = sum(1 for prepared, _ in rows if prepared.epoch != current)
+                if stale:
+                    self.metrics.stale_dropped.inc(stale)
+                    rows = [r for r in rows if r[0].epoch == current]
+                if not rows:
+                    return rows
+                allowed = self.source.write_allowed()
+                if allowed:
+                    try:
+                        self.sink.write(tp, [r for _, r in rows])
+                        return rows
+                    except Exception as exc:
+                        self.metrics.errors.labels(stage="write").inc()
+                        log.warning("write.retry", error=f"{type(exc).__name__}: {exc}", wait_s=wait)
+            if self._stopping.wait(wait if allowed else 0.1):
+                return []  # left uncommitted: redone after the restart
+            if allowed:
+                wait = min(wait * 2, 10.0)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

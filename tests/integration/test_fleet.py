@@ -128,6 +128,30 @@ def committed_reaches_end(bootstrap: str, group: str, topic: str) -> bool:
         consumer.close(autocommit=False)
 
 
+def result_workers(s3_client, bucket: str) -> set[str]:
+    workers = set()
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="results/"):
+        for obj in page.get("Contents", ()):
+            body = s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+            workers.update(json.loads(line)["worker"] for line in body.splitlines() if line.strip())
+    return workers
+
+
+def duplicate_report(s3_client, bucket: str, seen: collections.Counter) -> str:
+    """For ids written more than once: which objects hold them, by which worker, when (to tell races apart)."""
+    dups = {i for i, n in seen.items() if n != 1}
+    if not dups:
+        return ""
+    rows = []
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="results/"):
+        for obj in page.get("Contents", ()):
+            body = s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+            for line in body.splitlines():
+                if line.strip() and (r := json.loads(line))["id"] in dups:
+                    rows.append(f"{r['id']} {obj['Key']} {r['worker']} {r['ts']} offset={r['source']['offset']}")
+    return "\n".join(sorted(rows)[:60])
+
+
 def wait_for_ids(s3_client, bucket: str, wanted: set[str], timeout_s: float) -> collections.Counter:
     seen: collections.Counter = collections.Counter()
 
@@ -188,7 +212,7 @@ def test_mixed_stream_lands_once_in_s3_and_bad_input_in_the_dead_letter_topic(
     assert {k.split("replica=")[1].rstrip("}") for k in metrics if "replica=" in k} == {"0", "1"}
 
     assert set(seen) == valid, f"missing {sorted(valid - set(seen))[:5]}, unexpected {sorted(set(seen) - valid)[:5]}"
-    assert [i for i, n in seen.items() if n != 1] == []
+    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
     # at-least-once: a dead letter may repeat after a rebalance, but each bad request is there with its kind
     assert {letter["id"]: letter["error"]["kind"] for letter in letters if letter["id"]} == expected_kind
     unparsed = [letter for letter in letters if letter["id"] is None]
@@ -216,7 +240,7 @@ def test_a_replica_killed_mid_stream_is_restarted_and_nothing_is_missing(
     finally:
         fleet.stop()
     assert set(seen) == set(ids)
-    assert [i for i, n in seen.items() if n != 1] == []
+    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
 
 
 def test_the_fleet_recovers_by_itself_when_kafka_goes_away_and_comes_back(
@@ -239,4 +263,37 @@ def test_the_fleet_recovers_by_itself_when_kafka_goes_away_and_comes_back(
     finally:
         fleet.stop()
     assert set(seen) == set(ids)
-    assert [i for i, n in seen.items() if n != 1] == []
+    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+
+
+def test_a_replica_frozen_past_its_session_writes_nothing_its_successor_redoes(
+    stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket
+):
+    """A zombie: evicted from the group while stopped, it wakes with results in flight for partitions that
+    another replica has since cleaned up and redone. Writing them would duplicate them, silently."""
+    topic, _ = make_topics(stack.kafka_bootstrap, f"zombie-{uuid.uuid4().hex[:8]}")
+    keys = upload_images(s3_client, s3_bucket, 20)
+    ids = [f"z{i:04d}" for i in range(3000)]
+    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{s3_bucket}/{keys[n % 20]}") for n, i in enumerate(ids)])
+    port = free_port()
+    fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64, metrics_port=port))
+    fleet.start()
+    try:
+        # both replicas busy, each with its own partitions and records in flight
+        assert wait_until(lambda: len(result_workers(s3_client, s3_bucket)) == 2, 120)
+        zombie = fleet.pids()[0]
+        os.kill(zombie, signal.SIGSTOP)
+        try:
+            time.sleep(16)  # past the 10 s session: the group gives its partitions to the other replica
+        finally:
+            os.kill(zombie, signal.SIGCONT)
+        seen = wait_for_ids(s3_client, s3_bucket, set(ids), timeout_s=300)
+        assert wait_until(lambda: committed_reaches_end(stack.kafka_bootstrap, f"g-{topic}", topic), 120)
+        seen = result_ids(s3_client, s3_bucket)
+        metrics = scrape(port)
+    finally:
+        fleet.stop()
+    assert set(seen) == set(ids)
+    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+    # the zombie did notice: it held its writes (and dropped what was no longer its own, if anything)
+    assert metrics.get("ramplus_ownership_lapses_total", 0) >= 1

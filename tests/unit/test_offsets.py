@@ -1,6 +1,6 @@
 """Commit only what is finished, and everything before it."""
 
-from workers.offsets import OffsetTracker
+from workers.offsets import DeliveryGuard, OffsetTracker
 
 TP = ("t", 0)
 
@@ -48,3 +48,22 @@ def test_offsets_must_increase_within_a_partition():
     t.add(TP, 4)
     with pytest.raises(ValueError, match="polled after"):
         t.add(TP, 4)
+
+
+def test_a_client_that_moves_back_by_itself_does_not_get_records_redone():
+    g = DeliveryGuard()
+    assert [o for o in (0, 1, 2, 3) if g.admit(TP, o)] == [0, 1, 2, 3]
+    # the client re-validated its position and went back to 2: 2 and 3 are already ours
+    assert [o for o in (2, 3, 4) if g.admit(TP, o)] == [4]
+    assert g.admit(("t", 1), 2)  # other partitions are separate
+
+
+def test_our_own_seek_and_a_new_assignment_restart_delivery():
+    g = DeliveryGuard()
+    for o in range(10):
+        g.admit(TP, o)
+    g.reset(TP, 4)  # recovery seeked back to the committed offset
+    assert g.admit(TP, 4)
+    assert not g.admit(TP, 3)
+    g.forget([TP])  # revoked: whatever comes after a new assignment is new
+    assert g.admit(TP, 0)

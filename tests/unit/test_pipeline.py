@@ -149,6 +149,61 @@ def test_a_sink_that_never_recovers_leaves_offsets_uncommitted(images):
     assert source.committed == {}
 
 
+def test_writes_wait_while_the_source_cannot_vouch_for_ownership(images):
+    """An evicted Kafka member must not write: nothing is written or committed until ownership is confirmed."""
+    objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
+    requests = [TagRequest(id=f"id{i}", uri="s3://b/0.jpg") for i in range(6)]
+
+    class UnsureSource(LocalSource):
+        owned = threading.Event()
+
+        def write_allowed(self):
+            return self.owned.is_set()
+
+    source, sink = UnsureSource(requests), MemorySink()
+    pipeline = StreamPipeline(
+        source, sink, MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher(objects),
+        worker="test", max_batch_wait_s=0.0,
+    )
+    runner = threading.Thread(target=pipeline.run, args=(threading.Event(),),
+                              kwargs={"until_idle": lambda: source.exhausted})
+    runner.start()
+    try:
+        threading.Event().wait(1.0)
+        assert sink.results == [] and source.committed == {}
+        assert pipeline.stats["batches"] >= 1  # tagged, held at the writer
+    finally:
+        source.owned.set()
+        runner.join(30)
+    assert sorted(r.id for r in sink.results) == sorted(r.id for r in requests)
+    assert source.committed == {("local", 0): 6}
+
+
+def test_results_of_a_forgotten_partition_are_dropped_not_written(images):
+    from workers.pipeline import Prepared
+    from workers.records import Record
+
+    sink = MemorySink()
+    pipeline = StreamPipeline(
+        LocalSource([]), sink, MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher({}),
+        worker="test",
+    )
+    tp = ("local", 0)
+    epoch = pipeline.tracker.add(tp, 0)
+    pipeline.tracker.add(tp, 1)
+    rows = [
+        (Prepared(Record("local", 0, o, b"{}"), TagRequest(id=f"x{o}", uri="s3://b/x"), torch.zeros(1), 0.0, epoch), r)
+        for o, r in ((0, "r0"), (1, "r1"))
+    ]
+    pipeline.forget([tp])  # revoked while they were being tagged
+    new_epoch = pipeline.tracker.add(tp, 1)  # and assigned again: offset 1 polled anew
+    rows.append((Prepared(Record("local", 0, 1, b"{}"), TagRequest(id="x1", uri="s3://b/x"), torch.zeros(1), 0.0, new_epoch), "r1'"))
+    written = pipeline._write_owned(tp, rows)
+    assert [r for _, r in written] == ["r1'"]
+    assert sink.writes == [(tp, ["r1'"])]
+    assert pipeline.metrics.stale_dropped._value.get() == 2
+
+
 def test_memory_is_bounded_by_pausing_the_source(images):
     objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
     requests = [TagRequest(id=f"id{i}", uri="s3://b/0.jpg") for i in range(40)]
