@@ -6,6 +6,7 @@ local stack installs its servers. Runs as root in CI, hence `--no-sandbox`; page
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,9 +22,11 @@ def chromium(install: bool = True) -> str:
     if not install:
         raise FileNotFoundError(f"no headless Chromium on PATH (looked for {', '.join(CANDIDATES)})")
     apt = ["apt-get", "-o", "DPkg::Lock::Timeout=120", "-qq"]
-    subprocess.run([*apt, "update"], check=True, capture_output=True, timeout=600)
-    subprocess.run([*apt, "install", "-y", "--no-install-recommends", "chromium-headless-shell"], check=True,
-                   capture_output=True, timeout=900)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for args in (["update"], ["install", "-y", "--no-install-recommends", "chromium-headless-shell"]):
+        done = subprocess.run([*apt, *args], capture_output=True, text=True, timeout=900, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"apt-get {' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
     return chromium(install=False)
 
 
