@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from PIL import Image
-
+from ramplus_core import load_image
+from ramplus_core.errors import RamPlusError
 from workers.schemas import TagResult
 
 THUMBNAIL_SIDE = 160
@@ -39,15 +39,13 @@ class Report:
     images: list[ReportImage] = field(default_factory=list)
 
 
-def thumbnail(data: bytes, side: int = THUMBNAIL_SIDE, max_pixels: int = 50_000_000) -> str:
-    """A JPEG data: URI of the image scaled to fit `side` (raises on what PIL cannot read)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > max_pixels:
-            raise ValueError(f"{image.width}x{image.height} is over the {max_pixels} pixel limit")
-        image = image.convert("RGB")
-        image.thumbnail((side, side))
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=85)
+def thumbnail(data: bytes, side: int = THUMBNAIL_SIDE) -> str:
+    """A JPEG data: URI of the image scaled to fit `side`; decoded within the model's own limits
+    (`load_image`: size, pixel count, corruption), whose errors it raises."""
+    image = load_image(data, name="report thumbnail").convert("RGB")
+    image.thumbnail((side, side))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
@@ -127,7 +125,7 @@ def report_images(results: Iterable[TagResult], images: dict[str, bytes], *, pat
         if data is not None:
             try:
                 preview = thumbnail(data)
-            except Exception:  # noqa: BLE001 - the report shows the result anyway
+            except RamPlusError:  # unreadable for a preview: the report shows the result anyway
                 preview = None
         out.append(ReportImage(result, preview, path))
     return out
