@@ -93,16 +93,21 @@ def request(id_: str, uri: str) -> tuple[str, bytes]:
     return id_, json.dumps({"id": id_, "uri": uri}).encode()
 
 
-def result_ids(s3_client, bucket: str) -> collections.Counter:
-    ids: collections.Counter = collections.Counter()
+def result_lines(s3_client, bucket: str):
+    """(object key, parsed result line) for every line under results/, as the bucket is now."""
     for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="results/"):
         for obj in page.get("Contents", ()):
             try:
                 body = s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
             except s3_client.exceptions.NoSuchKey:
                 continue  # replaced by a recovering replica since the listing: the final listing is stable
-            ids.update(json.loads(line)["id"] for line in body.splitlines() if line.strip())
-    return ids
+            for line in body.splitlines():
+                if line.strip():
+                    yield obj["Key"], json.loads(line)
+
+
+def result_ids(s3_client, bucket: str) -> collections.Counter:
+    return collections.Counter(r["id"] for _, r in result_lines(s3_client, bucket))
 
 
 def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list[dict]:
@@ -129,26 +134,16 @@ def committed_reaches_end(bootstrap: str, group: str, topic: str) -> bool:
 
 
 def result_workers(s3_client, bucket: str) -> set[str]:
-    workers = set()
-    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="results/"):
-        for obj in page.get("Contents", ()):
-            body = s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
-            workers.update(json.loads(line)["worker"] for line in body.splitlines() if line.strip())
-    return workers
+    return {r["worker"] for _, r in result_lines(s3_client, bucket)}
 
 
 def duplicate_report(s3_client, bucket: str, seen: collections.Counter) -> str:
     """For ids written more than once: which objects hold them, by which worker, when (to tell races apart)."""
     dups = {i for i, n in seen.items() if n != 1}
-    if not dups:
-        return ""
-    rows = []
-    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="results/"):
-        for obj in page.get("Contents", ()):
-            body = s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
-            for line in body.splitlines():
-                if line.strip() and (r := json.loads(line))["id"] in dups:
-                    rows.append(f"{r['id']} {obj['Key']} {r['worker']} {r['ts']} offset={r['source']['offset']}")
+    rows = [
+        f"{r['id']} {key} {r['worker']} {r['ts']} offset={r['source']['offset']}"
+        for key, r in result_lines(s3_client, bucket) if r["id"] in dups
+    ]
     return "\n".join(sorted(rows)[:60])
 
 
