@@ -6,8 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PHOTOS ?= var/photos
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup test test-fast run bench clean
+.PHONY: setup test test-fast run tag-photos bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +26,15 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
 
-# Tag scikit-image's bundled photos with RAM++. Needs the official checkpoint: set RAMPLUS_CHECKPOINT
-# (and RAMPLUS_TAG_LIST / RAMPLUS_THRESHOLDS for tag names); without it, it says how to get one.
+# The whole lifecycle on this machine (infra/local/demo.py): the local stack and a local Ray, a tiny RAM++
+# retrained on synthetic scenes, its vocabulary in Redis, the fleet on a Kafka topic with a hot-swap
+# mid-stream, a backfill, a summary table and var/demo/report.html. With RAMPLUS_CHECKPOINT (and
+# RAMPLUS_TAG_LIST / RAMPLUS_THRESHOLDS) it also tags the real photos with the official RAM++.
 run: setup
+	$(BIN)/python infra/local/demo.py $(DEMO_ARGS)
+
+# Tag scikit-image's bundled photos with the official RAM++ (needs RAMPLUS_CHECKPOINT; without it, it says how).
+tag-photos: setup
 	$(BIN)/ramplus samples $(PHOTOS)
 	$(BIN)/ramplus tag $(PHOTOS)
 

@@ -1,0 +1,488 @@
+"""The whole RAMPlus lifecycle on one machine, in minutes: `make run` runs this.
+
+    python infra/local/demo.py [--quick] [--checkpoint ram_plus_swin_large_14m.pth --tag-list ram_tag_list.txt]
+
+1. the local real stack (Kafka in KRaft mode, redis-server, s3proxy; installed the first time) and a local
+   Ray cluster;
+2. a synthetic image-tag-text dataset in S3, and a tiny RAM++ trained on it by the retrain job's code on
+   that Ray cluster (Ray Train, 2 CPU workers, checkpoints in S3); a model trained by an earlier run with
+   the same recipe is reused;
+3. its vocabulary in Redis (`demo@1`: every trained tag with its calibrated threshold) and a second
+   version (`demo@2`: the object tags only, no backgrounds);
+4. the fleet (2 replicas as Ray actors) reading a fresh Kafka topic; a few hundred image URIs (synthetic
+   scenes plus scikit-image's real photos, all in S3, plus three bad requests) published to it; `demo@2`
+   activated in the middle of the stream;
+5. a backfill of an S3 prefix with the same model;
+6. a summary table and `var/demo/report.html` (each image with its tags, scores and vocabulary version);
+   with `--checkpoint`, the real photos tagged by the official RAM++ as well.
+
+It stops what it started (servers that were already running stay up) and prints where everything is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, Optional
+
+import typer
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+BUCKET = "ramplus-demo"
+VOCAB = "demo"  # the demo owns this vocabulary name in Redis and recreates it on every run
+OBJECT_GROUPS = ("colour", "shape")  # demo@2 keeps these tag groups
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How big the demo is. The model part is the reuse key: same recipe, same trained model."""
+
+    images: int  # synthetic dataset (80% train, 20% held out)
+    epochs: int
+    max_minutes: float
+    stream: int  # synthetic scenes published to the fleet (plus the photos and 3 bad requests)
+    backfill: int  # synthetic scenes in the backfilled prefix (plus the photos)
+
+    def model_key(self) -> str:
+        from ramplus_core.synthetic import GENERATOR_VERSION
+
+        text = json.dumps({"g": GENERATOR_VERSION, "n": self.images, "e": self.epochs, "m": self.max_minutes, "model": "tiny@64"})
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+FULL = Recipe(images=1000, epochs=30, max_minutes=3.0, stream=240, backfill=120)
+QUICK = Recipe(images=300, epochs=3, max_minutes=0.75, stream=60, backfill=30)
+
+
+def load_stack() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ramplus_local_stack", ROOT / "infra" / "local" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Timings:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        say(f"== {name}")
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = time.monotonic() - t0
+            say(f"   {name}: {self.phases[name]:.0f} s")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------------
+
+
+def start_stack(stack: ModuleType, config: Any) -> list[str]:
+    """Bring every service up; returns the ones this run started (and so must stop)."""
+    before = {s for s, st in stack.status(config).items() if st["ready"]}
+    stack.up(config)
+    return [s for s in ("kafka", "redis", "s3") if s not in before]
+
+
+def s3_client(settings: Any) -> Any:
+    from workers.s3_sink import s3_client as make
+
+    return make(settings.s3)
+
+
+def ensure_bucket(client: Any) -> None:
+    try:
+        client.head_bucket(Bucket=BUCKET)
+    except Exception:  # noqa: BLE001 - missing (404) or not yet created: create it
+        client.create_bucket(Bucket=BUCKET)
+
+
+def exists(client: Any, key: str) -> bool:
+    return bool(client.list_objects_v2(Bucket=BUCKET, Prefix=key, MaxKeys=1).get("KeyCount", 0))
+
+
+def write_photos(client: Any, prefix: str) -> dict[str, bytes]:
+    """scikit-image's bundled photos as JPEGs in S3; returns {uri: bytes}."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    from workers.cli import SAMPLE_PHOTOS
+
+    out = {}
+    for name in SAMPLE_PHOTOS:
+        pixels = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
+        buf = io.BytesIO()
+        Image.fromarray(pixels).convert("RGB").save(buf, "JPEG", quality=90)
+        key = f"{prefix}{name}.jpg"
+        client.put_object(Bucket=BUCKET, Key=key, Body=buf.getvalue(), ContentType="image/jpeg")
+        out[f"s3://{BUCKET}/{key}"] = buf.getvalue()
+    return out
+
+
+def train_vocabulary() -> Any:
+    from ramplus_core import Vocabulary
+    from ramplus_core.synthetic import TAGS, describe_tags
+    from ramplus_core.text_encoder import TextEncoder
+
+    encoder = TextEncoder("ramplus-tiny-text", None)  # random weights, seed 0: what the job embeds captions with
+    descriptions = describe_tags()
+    return Vocabulary.from_descriptions(
+        [{t: descriptions[t]} for t in TAGS], encoder.encode, text_encoder=encoder.id, name=VOCAB, version="train", thresholds=0.5,
+    )
+
+
+def train_or_reuse(settings: Any, client: Any, recipe: Recipe, work: Path) -> tuple[str, dict[str, Any], bool]:
+    """The artifact URI, its final metrics, and whether it was trained now (False: reused)."""
+    from workers.retrain import run
+    from workers.synth_data import write_dataset
+
+    run_name = f"synth-{recipe.model_key()}"
+    artifact = f"s3://{BUCKET}/models/{run_name}/v1"
+    if exists(client, f"models/{run_name}/v1/"):
+        say(f"   reusing {artifact} (trained by an earlier run with the same recipe; delete it to retrain)")
+        return artifact, artifact_metrics(artifact, settings), False
+    data = f"s3://{BUCKET}/synth-{recipe.images}/"
+    if not exists(client, f"synth-{recipe.images}/manifest.jsonl"):
+        summary = write_dataset(data, n=recipe.images, seed=0, size=96, s3=settings.s3, progress=False)
+        say(f"   dataset: {summary.train} train + {summary.val} held-out scenes in {summary.seconds:.0f} s ({data})")
+    vocab_file = train_vocabulary().save(work / "train-vocab.safetensors")
+    settings = settings.model_copy(deep=True)
+    settings.train = settings.train.model_copy(update={
+        "run_name": run_name, "manifest": data + "manifest.jsonl", "storage_path": f"s3://{BUCKET}/runs",
+        "output": f"s3://{BUCKET}/models", "model": "tiny@64", "vocabulary": str(vocab_file),
+        "text_encoder": "ramplus-tiny-text", "text_weights": "none", "epochs": recipe.epochs, "batch_size": 16,
+        "lr": 5e-4, "warmup_steps": 20, "workers": 2, "cpus_per_worker": 1, "max_minutes": recipe.max_minutes,
+    })
+    result = run(settings, version="v1")
+    return result.artifact, artifact_metrics(result.artifact, settings), True
+
+
+def artifact_metrics(artifact: str, settings: Any) -> dict[str, Any]:
+    """metrics.json of a published model: `final` (calibrated thresholds, held-out split) and `history`."""
+    from workers.artifacts import fetch_artifact
+
+    return json.loads((fetch_artifact(artifact, settings.s3) / "metrics.json").read_text())
+
+
+def publish_vocabularies(redis_url: str, artifact_vocab: Any) -> tuple[str, str]:
+    """demo@1: the trained vocabulary with its calibrated thresholds; demo@2: its object tags only."""
+    import redis
+
+    from ramplus_core.synthetic import TAG_GROUPS
+    from workers.vocab_store import VocabStore
+
+    store = VocabStore(redis.Redis.from_url(redis_url))
+    for key in store.redis.scan_iter(match=f"ramplus:vocab:{VOCAB}:*"):  # the demo's own name: start clean
+        store.redis.delete(key)
+    objects = [t for g in OBJECT_GROUPS for t in TAG_GROUPS[g]]
+    first = store.publish(artifact_vocab, name=VOCAB, version="1")
+    second = store.publish(artifact_vocab.select(objects, name=VOCAB, version="2"), name=VOCAB, version="2")
+    store.activate(VOCAB, "1")
+    return first, second
+
+
+def read_jsonl(client: Any, prefix: str, *, skip: str | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            if not obj["Key"].endswith(".jsonl") or (skip and skip in obj["Key"]):
+                continue
+            body = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read().decode()
+            rows.extend(json.loads(line) for line in body.splitlines() if line.strip())
+    return rows
+
+
+def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list[dict[str, Any]]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+                             group_id=None, consumer_timeout_ms=2000)
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            out.extend(json.loads(m.value) for m in consumer)
+    finally:
+        consumer.close()
+    return out
+
+
+def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) -> dict[str, Any]:
+    """Fleet up, first half published and tagged, `demo@2` activated, the rest published; all accounted for."""
+    from kafka import KafkaProducer
+
+    from workers.fleet import Fleet, ensure_topics, wait_until
+    from workers.producer import publish
+
+    ensure_topics(settings, partitions=4)
+    fleet = Fleet(settings)
+    fleet.start()
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+
+    def done() -> int:
+        return sum(s.get("tagged", 0) + s.get("dead_letters", 0) for s in fleet.stats())
+
+    try:
+        half = len(uris) // 2
+        first = publish(producer, settings.kafka.topic, uris[:half] + bad)
+        if not wait_until(lambda: done() >= first, 300):
+            raise RuntimeError(f"the fleet tagged {done()} of the first {first} requests in 5 minutes")
+        from workers.vocab_store import VocabStore
+        import redis
+
+        t_swap = time.monotonic()
+        VocabStore(redis.Redis.from_url(settings.redis.url)).activate(VOCAB, second_version)
+        publish(producer, settings.kafka.topic, uris[half:])  # the swap lands while these are in flight
+        total = len(uris) + len(bad)
+        if not wait_until(lambda: done() >= total, 300):
+            raise RuntimeError(f"the fleet answered {done()} of {total} requests in 5 minutes")
+        switched = wait_until(lambda: all(s.get("vocab") == f"{VOCAB}@{second_version}" for s in fleet.stats()), 30)
+        swap_s = time.monotonic() - t_swap
+        stats = fleet.stats()
+    finally:
+        producer.close()
+        fleet.stop()
+    return {"stats": stats, "switched": switched, "swap_s": swap_s}
+
+
+def official_tags(checkpoint: str, tag_list: Optional[Path], thresholds: Optional[Path], photos: dict[str, bytes], work: Path) -> list[dict[str, Any]]:
+    """The photos tagged by the official RAM++ through `ramplus tag --json` (the CLI a user would run)."""
+    folder = work / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    by_path = {}
+    for uri, data in photos.items():
+        path = folder / uri.rsplit("/", 1)[1]
+        path.write_bytes(data)
+        by_path[str(path)] = uri
+    command = [str(Path(sys.executable).parent / "ramplus"), "tag", "--json", "--checkpoint", checkpoint, "--top-k", "12"]
+    if tag_list:
+        command += ["--tag-list", str(tag_list)]
+    if thresholds:
+        command += ["--thresholds", str(thresholds)]
+    done = subprocess.run([*command, *by_path], capture_output=True, text=True, timeout=900)
+    if done.returncode not in (0, 1):
+        raise RuntimeError(f"ramplus tag with the official checkpoint failed:\n{done.stderr[-2000:]}")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [r | {"uri": by_path[r["path"]]} for r in rows if "tags" in r]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(
+    quick: Annotated[bool, typer.Option(help="A smaller demo (the test's): fewer images, a shorter training.")] = False,
+    checkpoint: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official RAM++ .pth (or our artifact): also tag the real photos with it.")] = None,
+    tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_TAG_LIST", help="Official tag list for an official checkpoint.")] = None,
+    thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_THRESHOLDS", help="Official per-tag thresholds.")] = None,
+    out: Annotated[Path, typer.Option(help="Where the report and summary go.")] = ROOT / "var" / "demo",
+) -> None:
+    """Run the whole lifecycle on the local real stack and a local Ray; write a summary and an HTML report."""
+    recipe = QUICK if quick else FULL
+    started = time.monotonic()
+    timings = Timings()
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+    stack = load_stack()
+    config = stack.StackConfig.from_env()
+    ours: list[str] = []
+    ray_started = False
+    ctx: DemoResult | None = None
+    try:
+        with timings.phase("stack"):
+            ours = start_stack(stack, config)
+            os.environ.update(stack.env(config))  # credentials and endpoints for boto3, Kafka, Redis and Ray's workers
+        from workers.logs import configure_logging
+        from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, RedisSettings, S3Settings, Settings
+
+        configure_logging(level="WARNING")
+        topic = f"demo.requests.{stamp}"
+        settings = Settings(
+            kafka=KafkaSettings(bootstrap_servers=config.kafka_bootstrap, topic=topic, group_id=f"demo-{stamp}",
+                                dead_letter_topic=topic + ".dlq"),
+            s3=S3Settings(endpoint_url=config.s3_endpoint, region=config.region, bucket=BUCKET, prefix=f"runs/{stamp}/stream/"),
+            redis=RedisSettings(url=config.redis_url, vocabulary=VOCAB, poll_interval_s=0.5),
+            fetch=FetchSettings(s3_buckets=[BUCKET], http_hosts=[], timeout_s=5, attempts=2),
+            fleet=FleetSettings(replicas=2, cpus_per_replica=0.5, batch_size=16, max_batch_wait_s=0.05, metrics_port=0),
+        )
+        client = s3_client(settings)
+        ensure_bucket(client)
+
+        with timings.phase("ray"):
+            import ray
+
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray_started = True
+
+        with timings.phase("train"):
+            artifact, metrics, trained = train_or_reuse(settings, client, recipe, out)
+            final = metrics.get("final", {})
+            say(f"   {artifact}: held-out mAP {final.get('val_map', float('nan')):.3f} (label prior {final.get('prior_map', float('nan')):.3f})")
+
+        with timings.phase("vocabulary"):
+            from ramplus_core import load_checkpoint
+            from workers.artifacts import fetch_artifact
+
+            trained_vocab = load_checkpoint(fetch_artifact(artifact, settings.s3)).vocabulary
+            first_ref, second_ref = publish_vocabularies(config.redis_url, trained_vocab)
+            say(f"   published {first_ref} ({len(trained_vocab)} tags, active) and {second_ref} (objects only)")
+
+        with timings.phase("stream"):
+            from workers.synth_data import write_dataset
+
+            photos = write_photos(client, f"runs/{stamp}/photos/")
+            write_dataset(f"s3://{BUCKET}/runs/{stamp}/scenes/", n=recipe.stream + recipe.backfill, seed=7, size=96,
+                                   s3=settings.s3, progress=False)
+            scene_uris = [f"s3://{BUCKET}/runs/{stamp}/scenes/images/{i:08d}.jpg" for i in range(recipe.stream)]
+            uris = list(scene_uris)
+            for k, photo in enumerate(photos):  # the photos spread over the stream, before and after the swap
+                uris.insert(k * (len(uris) // len(photos)), photo)
+            client.put_object(Bucket=BUCKET, Key=f"runs/{stamp}/bad/not-an-image.jpg", Body=b"this is not a JPEG")
+            bad = [f"s3://{BUCKET}/runs/{stamp}/bad/not-an-image.jpg", f"s3://{BUCKET}/runs/{stamp}/bad/missing.jpg",
+                   "https://example.com/not-allowlisted.jpg"]
+            settings.model = ModelSettings(checkpoint=artifact, device="cpu")
+            streamed = stream(settings, uris, bad, "2")
+            results = read_jsonl(client, f"runs/{stamp}/stream/")
+            dlq = dead_letters(config.kafka_bootstrap, topic + ".dlq", len(bad))
+
+        with timings.phase("backfill"):
+            from workers.backfill import run_backfill
+
+            for i in range(recipe.stream, recipe.stream + recipe.backfill):  # a bucket prefix to catch up on
+                key = f"runs/{stamp}/scenes/images/{i:08d}.jpg"
+                client.copy_object(Bucket=BUCKET, Key=f"runs/{stamp}/backfill-in/{i:08d}.jpg", CopySource={"Bucket": BUCKET, "Key": key})
+            for uri, data in photos.items():
+                client.put_object(Bucket=BUCKET, Key=f"runs/{stamp}/backfill-in/{uri.rsplit('/', 1)[1]}", Body=data)
+            bf = settings.model_copy(deep=True)
+            bf.backfill = bf.backfill.model_copy(update={
+                "input": f"s3://{BUCKET}/runs/{stamp}/backfill-in/", "output": f"s3://{BUCKET}/runs/{stamp}/backfill/",
+                "vocab": f"{VOCAB}@1", "replicas": 1, "cpus_per_replica": 1, "decode_cpus": 0.5, "batch_size": 32,
+            })
+            summary = run_backfill(bf, progress=False)
+            backfilled = read_jsonl(client, summary.output.split(f"s3://{BUCKET}/", 1)[1] + "results/")
+
+        official = []
+        if checkpoint:
+            with timings.phase("official checkpoint"):
+                official = official_tags(checkpoint, tag_list, thresholds, photos, out)
+
+        with timings.phase("report"):
+            images = dict(photos)
+            for row in results + backfilled:  # the scenes' bytes, for the thumbnails (before the stack goes)
+                if row["uri"] not in images:
+                    images[row["uri"]] = client.get_object(Bucket=BUCKET, Key=row["uri"].split("/", 3)[3])["Body"].read()
+            ctx = DemoResult(stamp=stamp, recipe=recipe, artifact=artifact, metrics=metrics, trained=trained, results=results,
+                             backfilled=backfilled, official=official, dead_letters=dlq, streamed=streamed,
+                             backfill=summary.model_dump(), requests=len(uris) + len(bad), photos=len(photos))
+            report = write_report(out, ctx, images, timings)
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+        if ours:
+            say(f"== stopping what the demo started: {', '.join(ours)}")
+            stack.down(config, ours)
+
+    total = time.monotonic() - started
+    print_summary(ctx, timings, total)
+    (out / "summary.json").write_text(json.dumps(summary_dict(ctx, timings, total), indent=2, default=str))
+    say(f"report: {report}\nsummary: {out / 'summary.json'}\ndone in {total:.0f} s")
+
+
+@dataclass
+class DemoResult:
+    stamp: str
+    recipe: Recipe
+    artifact: str
+    metrics: dict[str, Any]
+    trained: bool
+    results: list[dict[str, Any]]
+    backfilled: list[dict[str, Any]]
+    official: list[dict[str, Any]]
+    dead_letters: list[dict[str, Any]]
+    streamed: dict[str, Any]
+    backfill: dict[str, Any]
+    requests: int
+    photos: int
+
+
+def summary_dict(ctx: DemoResult, timings: Timings, total: float) -> dict[str, Any]:
+    final = ctx.metrics.get("final", {})
+    ids = Counter(r["id"] for r in ctx.results)
+    return {
+        "run": ctx.stamp,
+        "model": ctx.artifact + (" (trained now)" if ctx.trained else " (reused)"),
+        "held-out mAP / label prior": f"{final.get('val_map', float('nan')):.3f} / {final.get('prior_map', float('nan')):.3f}",
+        "stream requests": ctx.requests,
+        "stream results (distinct ids, duplicates)": f"{len(ids)}, {sum(n - 1 for n in ids.values())}",
+        "dead letters by kind": dict(sorted(Counter(d["error"]["kind"] for d in ctx.dead_letters).items())),
+        "results per vocabulary": dict(sorted(Counter(r["vocab"] for r in ctx.results).items())),
+        "every replica on demo@2": ctx.streamed["switched"],
+        "backfill tagged / errors / skipped": f"{ctx.backfill['images_tagged']} / {sum(ctx.backfill['errors'].values())} / {ctx.backfill['images_skipped']}",
+        "official RAM++ on the photos": len(ctx.official) if ctx.official else "not run (no --checkpoint)",
+        "seconds by phase": {k: round(v, 1) for k, v in timings.phases.items()},
+        "seconds in all": round(total, 1),
+    }
+
+
+def print_summary(ctx: DemoResult, timings: Timings, total: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="RAMPlus demo", show_header=False)
+    for key, value in summary_dict(ctx, timings, total).items():
+        text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+        table.add_row(key, text)
+    Console(width=140).print(table)
+
+
+def write_report(out: Path, ctx: DemoResult, images: dict[str, bytes], timings: Timings) -> Path:
+    from workers.report import Report, render, report_images
+    from workers.schemas import TagResult
+
+    stream = [TagResult.model_validate(r) for r in sorted(ctx.results, key=lambda r: r["ts"])]
+    backfill = [TagResult.model_validate(r) for r in sorted(ctx.backfilled, key=lambda r: r["uri"])]
+    official = [
+        TagResult(id=Path(r["path"]).stem, uri=r["uri"], tags=r["tags"], vocab=r["vocab"], model=r["model"], worker="ramplus tag")
+        for r in ctx.official
+    ]
+    summary = {k: (", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else v)
+               for k, v in summary_dict(ctx, timings, sum(timings.phases.values())).items()
+               if k not in ("results per vocabulary", "seconds in all")}
+    items = (report_images(stream, images, path="stream (Kafka -> fleet -> S3)")
+             + report_images(backfill, images, path="backfill (S3 prefix -> Ray Data -> S3)")
+             + report_images(official, images, path="official RAM++ checkpoint (ramplus tag)"))
+    page = out / "report.html"
+    page.write_text(render(Report("RAMPlus demo: " + ctx.stamp, summary, items)), encoding="utf-8")
+    return page
+
+
+if __name__ == "__main__":
+    typer.run(main)
