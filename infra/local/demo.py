@@ -65,7 +65,7 @@ class Recipe:
 
 
 FULL = Recipe(images=1000, epochs=30, max_minutes=3.0, stream=240, backfill=120)
-QUICK = Recipe(images=300, epochs=3, max_minutes=0.75, stream=60, backfill=30)
+QUICK = Recipe(images=400, epochs=6, max_minutes=1.0, stream=60, backfill=30)
 
 
 def load_stack() -> ModuleType:
@@ -178,7 +178,10 @@ def train_or_reuse(settings: Any, client: Any, recipe: Recipe, work: Path) -> tu
         "text_encoder": "ramplus-tiny-text", "text_weights": "none", "epochs": recipe.epochs, "batch_size": 16,
         "lr": 5e-4, "warmup_steps": 20, "workers": 2, "cpus_per_worker": 1, "max_minutes": recipe.max_minutes,
     })
+    say(f"   training tiny@64 from scratch: 2 Ray Train workers, {recipe.epochs} epochs or {recipe.max_minutes:g} min, checkpoints in s3://{BUCKET}/runs/")
     result = run(settings, version="v1")
+    for h in result.history:
+        say(f"   epoch {h['epoch']:3d}  {h['elapsed_s']:5.0f} s  loss {h['train_loss']:6.2f}  held-out mAP {h['val_map']:.3f}")
     return result.artifact, artifact_metrics(result.artifact, settings), True
 
 
@@ -271,7 +274,8 @@ def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) 
 
 
 def official_tags(checkpoint: str, tag_list: Optional[Path], thresholds: Optional[Path], photos: dict[str, bytes], work: Path) -> list[dict[str, Any]]:
-    """The photos tagged by the official RAM++ through `ramplus tag --json` (the CLI a user would run)."""
+    """The photos tagged through `ramplus tag --json` (the CLI a user would run) with the official RAM++ (or
+    any checkpoint `ramplus tag` loads)."""
     folder = work / "photos"
     folder.mkdir(parents=True, exist_ok=True)
     by_path = {}
@@ -286,7 +290,7 @@ def official_tags(checkpoint: str, tag_list: Optional[Path], thresholds: Optiona
         command += ["--thresholds", str(thresholds)]
     done = subprocess.run([*command, *by_path], capture_output=True, text=True, timeout=900)
     if done.returncode not in (0, 1):
-        raise RuntimeError(f"ramplus tag with the official checkpoint failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"ramplus tag --checkpoint {checkpoint} failed:\n{done.stderr[-2000:]}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return [r | {"uri": by_path[r["path"]]} for r in rows if "tags" in r]
 
@@ -389,7 +393,7 @@ def main(
 
         official = []
         if checkpoint:
-            with timings.phase("official checkpoint"):
+            with timings.phase("checkpoint"):
                 official = official_tags(checkpoint, tag_list, thresholds, photos, out)
 
         with timings.phase("report"):
@@ -398,7 +402,7 @@ def main(
                 if row["uri"] not in images:
                     images[row["uri"]] = client.get_object(Bucket=BUCKET, Key=row["uri"].split("/", 3)[3])["Body"].read()
             ctx = DemoResult(stamp=stamp, recipe=recipe, artifact=artifact, metrics=metrics, trained=trained, results=results,
-                             backfilled=backfilled, official=official, dead_letters=dlq, streamed=streamed,
+                             backfilled=backfilled, official=official, checkpoint=checkpoint, dead_letters=dlq, streamed=streamed,
                              backfill=summary.model_dump(), requests=len(uris) + len(bad), photos=len(photos))
             report = write_report(out, ctx, images, timings)
     finally:
@@ -426,6 +430,7 @@ class DemoResult:
     results: list[dict[str, Any]]
     backfilled: list[dict[str, Any]]
     official: list[dict[str, Any]]
+    checkpoint: str | None
     dead_letters: list[dict[str, Any]]
     streamed: dict[str, Any]
     backfill: dict[str, Any]
@@ -446,7 +451,7 @@ def summary_dict(ctx: DemoResult, timings: Timings, total: float) -> dict[str, A
         "results per vocabulary": dict(sorted(Counter(r["vocab"] for r in ctx.results).items())),
         "every replica on demo@2": ctx.streamed["switched"],
         "backfill tagged / errors / skipped": f"{ctx.backfill['images_tagged']} / {sum(ctx.backfill['errors'].values())} / {ctx.backfill['images_skipped']}",
-        "official RAM++ on the photos": len(ctx.official) if ctx.official else "not run (no --checkpoint)",
+        "photos tagged with --checkpoint": f"{len(ctx.official)} ({ctx.checkpoint})" if ctx.checkpoint else "not run (no --checkpoint)",
         "seconds by phase": {k: round(v, 1) for k, v in timings.phases.items()},
         "seconds in all": round(total, 1),
     }
@@ -478,7 +483,7 @@ def write_report(out: Path, ctx: DemoResult, images: dict[str, bytes], timings: 
                if k not in ("results per vocabulary", "seconds in all")}
     items = (report_images(stream, images, path="stream (Kafka -> fleet -> S3)")
              + report_images(backfill, images, path="backfill (S3 prefix -> Ray Data -> S3)")
-             + report_images(official, images, path="official RAM++ checkpoint (ramplus tag)"))
+             + report_images(official, images, path=f"{Path(str(ctx.checkpoint)).name} (ramplus tag)"))
     page = out / "report.html"
     page.write_text(render(Report("RAMPlus demo: " + ctx.stamp, summary, items)), encoding="utf-8")
     return page
