@@ -4,9 +4,9 @@
 
 1. the local real stack (Kafka in KRaft mode, redis-server, s3proxy; installed the first time) and a local
    Ray cluster;
-2. a synthetic image-tag-text dataset in S3, and a tiny RAM++ trained on it by the retrain job's code on
-   that Ray cluster (Ray Train, 2 CPU workers, checkpoints in S3); a model trained by an earlier run with
-   the same recipe is reused;
+2. a synthetic image-tag-text dataset in S3, and a tiny RAM++ trained on it by `jobs/retrain.py` submitted
+   to that cluster through Ray's job API (Ray Train, 2 CPU workers, checkpoints in S3); a model trained by
+   an earlier run with the same recipe is reused (`--retrain` trains again);
 3. its vocabulary in Redis (`demo@1`: every trained tag with its calibrated threshold) and a second
    version (`demo@2`: the object tags only, no backgrounds);
 4. the fleet (2 replicas as Ray actors) reading a fresh Kafka topic; a few hundred image URIs (synthetic
@@ -156,13 +156,17 @@ def train_vocabulary() -> Any:
     )
 
 
-def train_or_reuse(settings: Any, client: Any, recipe: Recipe, work: Path) -> tuple[str, dict[str, Any], bool]:
+def train_or_reuse(
+    settings: Any, client: Any, recipe: Recipe, work: Path, dashboard: str, *, retrain: bool = False
+) -> tuple[str, dict[str, Any], bool]:
     """The artifact URI, its final metrics, and whether it was trained now (False: reused)."""
-    from workers.retrain import run
     from workers.synth_data import write_dataset
 
     run_name = f"synth-{recipe.model_key()}"
     artifact = f"s3://{BUCKET}/models/{run_name}/v1"
+    if retrain:  # the model and the run's checkpoints (else the job would resume the finished run)
+        for prefix in (f"models/{run_name}/", f"runs/{run_name}/"):
+            delete_prefix(client, prefix)
     if exists(client, f"models/{run_name}/v1/"):
         say(f"   reusing {artifact} (trained by an earlier run with the same recipe; delete it to retrain)")
         return artifact, artifact_metrics(artifact, settings), False
@@ -171,18 +175,81 @@ def train_or_reuse(settings: Any, client: Any, recipe: Recipe, work: Path) -> tu
         summary = write_dataset(data, n=recipe.images, seed=0, size=96, s3=settings.s3, progress=False)
         say(f"   dataset: {summary.train} train + {summary.val} held-out scenes in {summary.seconds:.0f} s ({data})")
     vocab_file = train_vocabulary().save(work / "train-vocab.safetensors")
-    settings = settings.model_copy(deep=True)
-    settings.train = settings.train.model_copy(update={
-        "run_name": run_name, "manifest": data + "manifest.jsonl", "storage_path": f"s3://{BUCKET}/runs",
-        "output": f"s3://{BUCKET}/models", "model": "tiny@64", "vocabulary": str(vocab_file),
-        "text_encoder": "ramplus-tiny-text", "text_weights": "none", "epochs": recipe.epochs, "batch_size": 16,
-        "lr": 5e-4, "warmup_steps": 20, "workers": 2, "cpus_per_worker": 1, "max_minutes": recipe.max_minutes,
-    })
-    say(f"   training tiny@64 from scratch: 2 Ray Train workers, {recipe.epochs} epochs or {recipe.max_minutes:g} min, checkpoints in s3://{BUCKET}/runs/")
-    result = run(settings, version="v1")
-    for h in result.history:
+    config = work / "retrain.toml"
+    config.write_text(RETRAIN_CONFIG.format(
+        s3=settings.s3.endpoint_url, region=settings.s3.region, run_name=run_name, bucket=BUCKET, data=data,
+        vocab=vocab_file.resolve(), epochs=recipe.epochs, minutes=recipe.max_minutes,
+    ))
+    say(f"   ray job submit ... jobs/retrain.py --config {config}: tiny@64 from scratch, 2 Ray Train workers, "
+        f"{recipe.epochs} epochs or {recipe.max_minutes:g} min, checkpoints in s3://{BUCKET}/runs/")
+    artifact = submit_retrain(dashboard, config)
+    metrics = artifact_metrics(artifact, settings)
+    for h in metrics["history"]:
         say(f"   epoch {h['epoch']:3d}  {h['elapsed_s']:5.0f} s  loss {h['train_loss']:6.2f}  held-out mAP {h['val_map']:.3f}")
-    return result.artifact, artifact_metrics(result.artifact, settings), True
+    return artifact, metrics, True
+
+
+# What `ray job submit` gets (README "Retraining"): the stack's addresses and the demo's recipe.
+RETRAIN_CONFIG = """
+[s3]
+endpoint_url = "{s3}"
+region = "{region}"
+
+[train]
+run_name = "{run_name}"
+manifest = "{data}manifest.jsonl"
+storage_path = "s3://{bucket}/runs"
+output = "s3://{bucket}/models"
+model = "tiny@64"
+vocabulary = "{vocab}"
+text_encoder = "ramplus-tiny-text"
+text_weights = "none"
+epochs = {epochs}
+max_minutes = {minutes}
+batch_size = 16
+lr = 5e-4
+warmup_steps = 20
+workers = 2
+cpus_per_worker = 1
+"""
+
+
+def submit_retrain(dashboard: str, config: Path, timeout_s: float = 900) -> str:
+    """jobs/retrain.py through Ray's job API (what `ray job submit --working-dir .` does); its artifact URI."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(dashboard)
+    job = jobs.submit_job(
+        entrypoint=f"{sys.executable} jobs/retrain.py --config {config.resolve()} --version v1",
+        runtime_env={"working_dir": str(ROOT)},  # .gitignore'd paths (var/, .venv/) stay out of the upload
+    )
+    deadline, shown = time.monotonic() + timeout_s, 0
+    while True:
+        status = jobs.get_job_status(job)
+        lines = jobs.get_job_logs(job).splitlines()
+        for line in lines[shown:]:  # the workers' epoch lines as they come
+            if "retrain.epoch" in line or "retrain.time_limit" in line:
+                say("   | " + line[:160])
+        shown = len(lines)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        if time.monotonic() > deadline:
+            jobs.stop_job(job)
+            raise RuntimeError(f"the retrain job {job} did not finish in {timeout_s:.0f} s")
+        time.sleep(2)
+    if status != JobStatus.SUCCEEDED:
+        raise RuntimeError(f"the retrain job {job} ended {status}:\n" + "\n".join(lines[-40:]))
+    summary = next((line for line in reversed(lines) if line.startswith('{"artifact"')), None)
+    if summary is None:
+        raise RuntimeError(f"the retrain job {job} printed no artifact:\n" + "\n".join(lines[-40:]))
+    return json.loads(summary)["artifact"]
+
+
+def delete_prefix(client: Any, prefix: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+        if keys:
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
 
 
 def artifact_metrics(artifact: str, settings: Any) -> dict[str, Any]:
@@ -302,6 +369,7 @@ def official_tags(checkpoint: str, tag_list: Optional[Path], thresholds: Optiona
 
 def main(
     quick: Annotated[bool, typer.Option(help="A smaller demo (the test's): fewer images, a shorter training.")] = False,
+    retrain: Annotated[bool, typer.Option(help="Train again even if an earlier run left a model with this recipe.")] = False,
     checkpoint: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official RAM++ .pth (or our artifact): also tag the real photos with it.")] = None,
     tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_TAG_LIST", help="Official tag list for an official checkpoint.")] = None,
     thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_THRESHOLDS", help="Official per-tag thresholds.")] = None,
@@ -341,11 +409,14 @@ def main(
         with timings.phase("ray"):
             import ray
 
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # Ray's default token auth: ray.init makes the token, and the job client in this process uses it.
+            context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                               configure_logging=False)
             ray_started = True
+            dashboard = "http://" + context.dashboard_url
 
         with timings.phase("train"):
-            artifact, metrics, trained = train_or_reuse(settings, client, recipe, out)
+            artifact, metrics, trained = train_or_reuse(settings, client, recipe, out, dashboard, retrain=retrain)
             final = metrics.get("final", {})
             say(f"   {artifact}: held-out mAP {final.get('val_map', float('nan')):.3f} (label prior {final.get('prior_map', float('nan')):.3f})")
 

@@ -24,7 +24,7 @@ SCENES, BACKFILL, PHOTOS, BAD = 60, 30, 5, 3  # the quick recipe; scikit-image's
 def test_the_quick_demo_runs_the_lifecycle_and_its_report_shows_every_image(stack, tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, not the test session's
-    done = subprocess.run([sys.executable, str(ROOT / "infra" / "local" / "demo.py"), "--quick", "--out", str(tmp_path),
+    done = subprocess.run([sys.executable, str(ROOT / "infra" / "local" / "demo.py"), "--quick", "--retrain", "--out", str(tmp_path),
                            # the official checkpoint's path through `ramplus tag` (none here: our own format stands in)
                            "--checkpoint", str(tiny_model_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -33,6 +33,8 @@ def test_the_quick_demo_runs_the_lifecycle_and_its_report_shows_every_image(stac
     assert all(stack.is_ready(s) for s in ("kafka", "redis", "s3")), "the demo stopped servers it did not start"
 
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"].endswith("(trained now)")  # by jobs/retrain.py, submitted through Ray's job API
+    assert "retrain.epoch" in done.stdout  # the job's epoch lines, relayed as they came
     distinct, duplicates = map(int, summary["stream results (distinct ids, duplicates)"].split(", "))
     assert (distinct, duplicates) == (SCENES + PHOTOS, 0)
     assert summary["stream requests"] == SCENES + PHOTOS + BAD
