@@ -243,22 +243,19 @@ def settings_cmd(
         typer.echo(settings_table(), nl=False)
 
 
-SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
-
-
 @app.command()
 def samples(directory: Annotated[Path, typer.Argument(help="Where to write the JPEGs.")] = Path("var/photos")) -> None:
     """Write the real photos that ship with scikit-image (a cat, coffee, a rocket, ...) as JPEGs."""
+    from workers.samples import sample_photos
+
     try:
-        import skimage.data
-        from PIL import Image
+        photos = sample_photos()
     except ImportError:
         _fail("scikit-image is not installed: pip install scikit-image (or the package's [dev] extra)")
     directory.mkdir(parents=True, exist_ok=True)
-    for name in SAMPLE_PHOTOS:
-        pixels = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
-        Image.fromarray(pixels).convert("RGB").save(directory / f"{name}.jpg", quality=92)
-    typer.echo(f"wrote {len(SAMPLE_PHOTOS)} photos to {directory}")
+    for name, data in photos.items():
+        (directory / f"{name}.jpg").write_bytes(data)
+    typer.echo(f"wrote {len(photos)} photos to {directory}")
 
 
 @weights_app.command("fetch")

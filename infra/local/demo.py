@@ -126,21 +126,13 @@ def exists(client: Any, key: str) -> bool:
 
 def write_photos(client: Any, prefix: str) -> dict[str, bytes]:
     """scikit-image's bundled photos as JPEGs in S3; returns {uri: bytes}."""
-    import io
-
-    import skimage.data
-    from PIL import Image
-
-    from workers.cli import SAMPLE_PHOTOS
+    from workers.samples import sample_photos
 
     out = {}
-    for name in SAMPLE_PHOTOS:
-        pixels = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
-        buf = io.BytesIO()
-        Image.fromarray(pixels).convert("RGB").save(buf, "JPEG", quality=90)
+    for name, data in sample_photos(quality=90).items():
         key = f"{prefix}{name}.jpg"
-        client.put_object(Bucket=BUCKET, Key=key, Body=buf.getvalue(), ContentType="image/jpeg")
-        out[f"s3://{BUCKET}/{key}"] = buf.getvalue()
+        client.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType="image/jpeg")
+        out[f"s3://{BUCKET}/{key}"] = data
     return out
 
 

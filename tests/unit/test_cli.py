@@ -117,3 +117,22 @@ def test_produce_refuses_a_missing_path(tmp_path):
 
     result = CliRunner().invoke(app, ["produce", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_samples_writes_scikit_images_real_photos_as_jpegs(tmp_path):
+    from PIL import Image
+
+    from workers.samples import SAMPLE_PHOTOS
+
+    result = runner.invoke(app, ["samples", str(tmp_path / "photos")])
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "photos").iterdir())
+    assert [f.stem for f in files] == sorted(SAMPLE_PHOTOS)
+    sizes = set()
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            sizes.add(im.size)
+            assert min(im.size) >= 256  # real photos, not thumbnails
+    assert len({f.read_bytes() for f in files}) == len(files)
+    assert (741, 500) in sizes  # the motorcycle's left view, not its stereo stack or disparity map
