@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 BUCKET = "ramplus-demo"
 VOCAB = "demo"  # the demo owns this vocabulary name in Redis and recreates it on every run
 OBJECT_GROUPS = ("colour", "shape")  # demo@2 keeps these tag groups
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -175,10 +177,7 @@ def train_or_reuse(
     say(f"   ray job submit ... jobs/retrain.py --config {config}: tiny@64 from scratch, 2 Ray Train workers, "
         f"{recipe.epochs} epochs or {recipe.max_minutes:g} min, checkpoints in s3://{BUCKET}/runs/")
     artifact = submit_retrain(dashboard, config)
-    metrics = artifact_metrics(artifact, settings)
-    for h in metrics["history"]:
-        say(f"   epoch {h['epoch']:3d}  {h['elapsed_s']:5.0f} s  loss {h['train_loss']:6.2f}  held-out mAP {h['val_map']:.3f}")
-    return artifact, metrics, True
+    return artifact, artifact_metrics(artifact, settings), True
 
 
 # What `ray job submit` gets (README "Retraining"): the stack's addresses and the demo's recipe.
@@ -215,14 +214,16 @@ def submit_retrain(dashboard: str, config: Path, timeout_s: float = 900) -> str:
         entrypoint=f"{sys.executable} jobs/retrain.py --config {config.resolve()} --version v1",
         runtime_env={"working_dir": str(ROOT)},  # .gitignore'd paths (var/, .venv/) stay out of the upload
     )
-    deadline, shown = time.monotonic() + timeout_s, 0
+    deadline, shown = time.monotonic() + timeout_s, set()
     while True:
         status = jobs.get_job_status(job)
         lines = jobs.get_job_logs(job).splitlines()
-        for line in lines[shown:]:  # the workers' epoch lines as they come
-            if "retrain.epoch" in line or "retrain.time_limit" in line:
-                say("   | " + line[:160])
-        shown = len(lines)
+        for line in lines:  # rank 0's epoch lines (it evaluates), as they come
+            fields = dict(re.findall(r"(\w+)=(\S+)", ANSI.sub("", line)))
+            if "retrain.epoch" in line and fields.get("rank") == "0" and fields.get("epoch") not in shown:
+                shown.add(fields.get("epoch"))
+                say(f"   | retrain.epoch {fields.get('epoch')}: {float(fields.get('elapsed_s', 'nan')):.0f} s, "
+                    f"loss {float(fields.get('train_loss', 'nan')):.2f}, held-out mAP {float(fields.get('val_map', 'nan')):.3f}")
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
         if time.monotonic() > deadline:
