@@ -212,7 +212,8 @@ def submit_retrain(dashboard: str, config: Path, timeout_s: float = 900) -> str:
     jobs = JobSubmissionClient(dashboard)
     job = jobs.submit_job(
         entrypoint=f"{sys.executable} jobs/retrain.py --config {config.resolve()} --version v1",
-        runtime_env={"working_dir": str(ROOT)},  # .gitignore'd paths (var/, .venv/) stay out of the upload
+        # .gitignore'd paths (var/, .venv/) stay out of the upload; no log dedup, which merges the ranks' epoch lines
+        runtime_env={"working_dir": str(ROOT), "env_vars": {"RAY_DEDUP_LOGS": "0"}},
     )
     deadline, shown = time.monotonic() + timeout_s, set()
     while True:
