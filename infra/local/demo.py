@@ -21,11 +21,14 @@ It stops what it started (servers that were already running stay up) and prints 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -95,6 +98,68 @@ class Timings:
 
 def say(message: str) -> None:
     print(message, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LocalRay:
+    """A Ray head of the demo's own (`ray start --head`), every port free-picked and a temp dir of its own, so
+    that another Ray on the machine (a notebook's, a test session's) neither blocks it nor gets stopped by it:
+    `ray stop` would stop them all, so `stop` ends only the processes of this head."""
+
+    temp: Path
+    gcs: str
+    dashboard: str
+
+    @classmethod
+    def start(cls, num_cpus: int) -> LocalRay:
+        temp = Path(f"/tmp/ray-demo-{uuid.uuid4().hex[:6]}")  # short: Ray's socket paths have a length limit
+        ports = {flag: free_port() for flag in (
+            "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")}
+        # The job's `python` and the workers' are this environment's.
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", *(f"{k}={v}" for k, v in ports.items()),
+             "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+             f"--temp-dir={temp}"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        head = cls(temp, f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}")
+        if done.returncode != 0:
+            head.stop()
+            raise RuntimeError(f"ray start --head failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        return head
+
+    def stop(self) -> None:
+        import ray  # noqa: F401 - puts the psutil that Ray bundles on the path
+        import psutil
+
+        doomed: dict[int, psutil.Process] = {}
+        port = ":" + self.gcs.rsplit(":", 1)[1]  # some daemons name the GCS address, not the temp dir
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                line = " ".join(proc.info["cmdline"] or ())
+                if str(self.temp) in line or f"127.0.0.1{port}" in line:
+                    doomed[proc.pid] = proc
+                    doomed.update({child.pid: child for child in proc.children(recursive=True)})
+            except psutil.Error:
+                continue
+        doomed.pop(os.getpid(), None)
+        for proc in doomed.values():
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(list(doomed.values()), timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,11 +275,19 @@ def submit_retrain(dashboard: str, config: Path, timeout_s: float = 900) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     jobs = JobSubmissionClient(dashboard)
-    job = jobs.submit_job(
-        entrypoint=f"{sys.executable} jobs/retrain.py --config {config.resolve()} --version v1",
-        # .gitignore'd paths (var/, .venv/) stay out of the upload; no log dedup, which merges the ranks' epoch lines
-        runtime_env={"working_dir": str(ROOT), "env_vars": {"RAY_DEDUP_LOGS": "0"}},
-    )
+    agent_deadline = time.monotonic() + 90
+    while True:  # the head's job agent comes up a few seconds after `ray start`
+        try:
+            job = jobs.submit_job(
+                entrypoint=f"{sys.executable} jobs/retrain.py --config {config.resolve()} --version v1",
+                # .gitignore'd paths (var/, .venv/) stay out of the upload; no log dedup (it merges the ranks' lines)
+                runtime_env={"working_dir": str(ROOT), "env_vars": {"RAY_DEDUP_LOGS": "0"}},
+            )
+            break
+        except RuntimeError as exc:
+            if "agent" not in str(exc).lower() or time.monotonic() > agent_deadline:
+                raise
+            time.sleep(2)
     deadline, shown = time.monotonic() + timeout_s, set()
     while True:
         status = jobs.get_job_status(job)
@@ -378,7 +451,11 @@ def main(
     stack = load_stack()
     config = stack.StackConfig.from_env()
     ours: list[str] = []
-    ray_started = False
+    head: LocalRay | None = None
+    # Token auth (Ray's default) with a token of the demo's own, set before Ray is imported (it reads the mode
+    # then): the head, the driver and the job client all find it in the environment.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex)
     ctx: DemoResult | None = None
     try:
         with timings.phase("stack"):
@@ -401,13 +478,12 @@ def main(
         ensure_bucket(client)
 
         with timings.phase("ray"):
+            head = LocalRay.start(num_cpus=4)
             import ray
 
-            # Ray's default token auth: ray.init makes the token, and the job client in this process uses it.
-            context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                               configure_logging=False)
-            ray_started = True
-            dashboard = "http://" + context.dashboard_url
+            ray.init(address=head.gcs, log_to_driver=False, configure_logging=False)
+            dashboard = head.dashboard
+            say(f"   Ray head at {head.gcs}, dashboard {head.dashboard}")
 
         with timings.phase("train"):
             artifact, metrics, trained = train_or_reuse(settings, client, recipe, out, dashboard, retrain=retrain)
@@ -471,10 +547,11 @@ def main(
                              backfill=summary.model_dump(), requests=len(uris) + len(bad), photos=len(photos))
             report = write_report(out, ctx, images, timings)
     finally:
-        if ray_started:
+        if head is not None:
             import ray
 
             ray.shutdown()
+            head.stop()
         if ours:
             say(f"== stopping what the demo started: {', '.join(ours)}")
             stack.down(config, ours)

@@ -154,7 +154,10 @@ def test_interrupted_job_resumes_without_tagging_again_what_was_written(stack, t
         return sum(1 for page in pages for o in page.get("Contents", ()) if "/results/" in o["Key"])
 
     try:
-        assert wait_until(lambda: done_shards() >= 15 or first.poll() is not None, 300, interval_s=0.1)
+        # Interrupt at the first finished shard: the widest window before the end (Ray Data may hand the
+        # driver several blocks at once, and CI once saw all 39 shards land before a threshold of 15 was seen).
+        assert wait_until(lambda: done_shards() >= 1 or first.poll() is not None, 300, interval_s=0.05)
+        assert first.poll() is None, "the first run finished before it could be interrupted"
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=120)
     finally:
