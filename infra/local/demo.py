@@ -2,8 +2,8 @@
 
     python infra/local/demo.py [--quick] [--checkpoint ram_plus_swin_large_14m.pth --tag-list ram_tag_list.txt]
 
-1. the local real stack (Kafka in KRaft mode, redis-server, s3proxy; installed the first time) and a local
-   Ray cluster;
+1. the local real stack (Kafka in KRaft mode, redis-server, s3proxy; installed the first time) and a Ray
+   head of its own (`ray start --head` on free ports, token auth; another Ray on the machine is left alone);
 2. a synthetic image-tag-text dataset in S3, and a tiny RAM++ trained on it by `jobs/retrain.py` submitted
    to that cluster through Ray's job API (Ray Train, 2 CPU workers, checkpoints in S3); a model trained by
    an earlier run with the same recipe is reused (`--retrain` trains again);
