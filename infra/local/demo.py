@@ -443,7 +443,22 @@ def main(
     out: Annotated[Path, typer.Option(help="Where the report and summary go.")] = ROOT / "var" / "demo",
 ) -> None:
     """Run the whole lifecycle on the local real stack and a local Ray; write a summary and an HTML report."""
-    recipe = QUICK if quick else FULL
+    # Before anything starts: a wrong path should cost a second, not the five minutes before the photos' turn.
+    local = [("--checkpoint", checkpoint if checkpoint and not checkpoint.startswith("s3://") else None),
+             ("--tag-list", tag_list), ("--thresholds", thresholds)]
+    for flag, path in local:
+        if path is not None and not Path(path).exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint=flag)
+    try:
+        run_demo(QUICK if quick else FULL, retrain=retrain, checkpoint=checkpoint, tag_list=tag_list, thresholds=thresholds, out=out)
+    except Exception as exc:  # noqa: BLE001 - any step's error: its message, after what was started is stopped
+        typer.echo(f"demo failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def run_demo(
+    recipe: Recipe, *, retrain: bool, checkpoint: str | None, tag_list: Path | None, thresholds: Path | None, out: Path
+) -> None:
     started = time.monotonic()
     timings = Timings()
     out.mkdir(parents=True, exist_ok=True)
