@@ -370,8 +370,27 @@ class _Interrupted(Exception):
     pass
 
 
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
+class _StopRequest:
+    """SIGINT / SIGTERM (`ray job stop`) handler: the first one asks the tagging loop to stop after the row in
+    hand; a second one stops at once.
+
+    Raising from the handler itself is not reliable: the signal lands wherever the main thread is, often in
+    an ObjectRef's `__del__` while Ray Data iterates, where Python prints the exception and drops it (CI saw
+    a SIGINT'd backfill run on to completion). A flag checked by the loop cannot be dropped."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise _Interrupted(name)
+        self.signal = name
+        log.warning("backfill.stopping", signal=name, hint="stops after the image in hand; send it again to stop at once")
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise _Interrupted(self.signal)
 
 
 def run_backfill(settings: Settings, *, progress: bool | None = None) -> BackfillSummary:
@@ -416,9 +435,12 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
                 items.append({"key": obj.key, "shard": shard.name, "size": obj.size, "etag": obj.etag})
 
     bar = tqdm(total=len(items), desc="tagging", unit="img", disable=not show, mininterval=1.0, smoothing=0.1)
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():  # `ray job stop` sends SIGTERM
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+    stop = _StopRequest()
+    handled = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `ray job stop` sends SIGTERM
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+    if threading.current_thread() is threading.main_thread():
+        for sig in handled:
+            signal.signal(sig, stop)
     tag_started = time.monotonic()
     processed, tenth, steady_from = 0, max(1, len(items) // 10), (0, tag_started)
     try:
@@ -434,13 +456,15 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
                     errors[row["error_kind"]] += 1
                 writer.add(row["shard"], row["key"], ok, row["line"])
                 bar.update(1)
+                stop.check()
         summary.complete = True
     except (KeyboardInterrupt, _Interrupted):
         log.warning("backfill.interrupted", shards_written=writer.written, shards_unfinished=len(plan.todo) - writer.written)
     finally:
         bar.close()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if summary.complete:
         for keys in plan.superseded.values():
             for key in keys:

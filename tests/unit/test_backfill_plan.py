@@ -128,3 +128,18 @@ def test_bad_s3_prefixes_are_refused_with_the_option_name(uri):
 def test_s3_prefix_may_be_a_whole_bucket():
     assert split_s3_prefix("s3://b") == ("b", "")
     assert split_s3_prefix("s3://b/x/y/") == ("b", "x/y/")
+
+
+def test_a_stop_signal_is_a_flag_the_loop_checks_and_a_second_one_stops_at_once():
+    import signal
+
+    from workers.backfill import _Interrupted, _StopRequest
+
+    stop = _StopRequest()
+    stop.check()  # nothing asked yet
+    stop(signal.SIGINT, None)  # the handler itself raises nothing: a raise there can be dropped by Python
+    assert stop.signal == "SIGINT"
+    with pytest.raises(_Interrupted, match="SIGINT"):
+        stop.check()
+    with pytest.raises(_Interrupted, match="SIGTERM"):
+        stop(signal.SIGTERM, None)
