@@ -146,7 +146,7 @@ class LocalRay:
         for proc in psutil.process_iter(["cmdline"]):
             try:
                 line = " ".join(proc.info["cmdline"] or ())
-                if str(self.temp) in line or f"127.0.0.1{port}" in line:
+                if str(self.temp) in line or port in line:
                     doomed[proc.pid] = proc
                     doomed.update({child.pid: child for child in proc.children(recursive=True)})
             except psutil.Error:
