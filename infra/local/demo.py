@@ -181,9 +181,11 @@ def s3_client(settings: Any) -> Any:
 
 
 def ensure_bucket(client: Any) -> None:
+    from botocore.exceptions import ClientError
+
     try:
         client.head_bucket(Bucket=BUCKET)
-    except Exception:  # noqa: BLE001 - missing (404) or not yet created: create it
+    except ClientError:  # 404 on a fresh stack; anything else (credentials) fails again, clearly, right here
         client.create_bucket(Bucket=BUCKET)
 
 
@@ -343,11 +345,12 @@ def publish_vocabularies(redis_url: str, artifact_vocab: Any) -> tuple[str, str]
     return first, second
 
 
-def read_jsonl(client: Any, prefix: str, *, skip: str | None = None) -> list[dict[str, Any]]:
+def read_jsonl(client: Any, prefix: str) -> list[dict[str, Any]]:
+    """Every JSON line of the .jsonl objects under `prefix` (result objects and shards)."""
     rows = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for obj in page.get("Contents", ()):
-            if not obj["Key"].endswith(".jsonl") or (skip and skip in obj["Key"]):
+            if not obj["Key"].endswith(".jsonl"):
                 continue
             body = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read().decode()
             rows.extend(json.loads(line) for line in body.splitlines() if line.strip())
@@ -369,12 +372,15 @@ def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 3
     return out
 
 
-def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) -> dict[str, Any]:
-    """Fleet up, first half published and tagged, `demo@2` activated, the rest published; all accounted for."""
+def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) -> bool:
+    """Fleet up, first half published and tagged, `demo@2` activated, the rest published; all accounted for.
+    Returns whether every replica ended on `demo@<second_version>`."""
+    import redis
     from kafka import KafkaProducer
 
     from workers.fleet import Fleet, ensure_topics, wait_until
     from workers.producer import publish
+    from workers.vocab_store import VocabStore
 
     ensure_topics(settings, partitions=4)
     fleet = Fleet(settings)
@@ -389,22 +395,15 @@ def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) 
         first = publish(producer, settings.kafka.topic, uris[:half] + bad)
         if not wait_until(lambda: done() >= first, 300):
             raise RuntimeError(f"the fleet tagged {done()} of the first {first} requests in 5 minutes")
-        from workers.vocab_store import VocabStore
-        import redis
-
-        t_swap = time.monotonic()
         VocabStore(redis.Redis.from_url(settings.redis.url)).activate(VOCAB, second_version)
         publish(producer, settings.kafka.topic, uris[half:])  # the swap lands while these are in flight
         total = len(uris) + len(bad)
         if not wait_until(lambda: done() >= total, 300):
             raise RuntimeError(f"the fleet answered {done()} of {total} requests in 5 minutes")
-        switched = wait_until(lambda: all(s.get("vocab") == f"{VOCAB}@{second_version}" for s in fleet.stats()), 30)
-        swap_s = time.monotonic() - t_swap
-        stats = fleet.stats()
+        return wait_until(lambda: all(s.get("vocab") == f"{VOCAB}@{second_version}" for s in fleet.stats()), 30)
     finally:
         producer.close()
         fleet.stop()
-    return {"stats": stats, "switched": switched, "swap_s": swap_s}
 
 
 def official_tags(checkpoint: str, tag_list: Optional[Path], thresholds: Optional[Path], photos: dict[str, bytes], work: Path) -> list[dict[str, Any]]:
@@ -518,7 +517,7 @@ def run_demo(
 
             photos = write_photos(client, f"runs/{stamp}/photos/")
             write_dataset(f"s3://{BUCKET}/runs/{stamp}/scenes/", n=recipe.stream + recipe.backfill, seed=7, size=96,
-                                   s3=settings.s3, progress=False)
+                          s3=settings.s3, progress=False)
             scene_uris = [f"s3://{BUCKET}/runs/{stamp}/scenes/images/{i:08d}.jpg" for i in range(recipe.stream)]
             uris = list(scene_uris)
             for k, photo in enumerate(photos):  # the photos spread over the stream, before and after the swap
@@ -527,7 +526,7 @@ def run_demo(
             bad = [f"s3://{BUCKET}/runs/{stamp}/bad/not-an-image.jpg", f"s3://{BUCKET}/runs/{stamp}/bad/missing.jpg",
                    "https://example.com/not-allowlisted.jpg"]
             settings.model = ModelSettings(checkpoint=artifact, device="cpu")
-            streamed = stream(settings, uris, bad, "2")
+            switched = stream(settings, uris, bad, "2")
             results = read_jsonl(client, f"runs/{stamp}/stream/")
             dlq = dead_letters(config.kafka_bootstrap, topic + ".dlq", len(bad))
 
@@ -557,9 +556,9 @@ def run_demo(
             for row in results + backfilled:  # the scenes' bytes, for the thumbnails (before the stack goes)
                 if row["uri"] not in images:
                     images[row["uri"]] = client.get_object(Bucket=BUCKET, Key=row["uri"].split("/", 3)[3])["Body"].read()
-            ctx = DemoResult(stamp=stamp, recipe=recipe, artifact=artifact, metrics=metrics, trained=trained, results=results,
-                             backfilled=backfilled, official=official, checkpoint=checkpoint, dead_letters=dlq, streamed=streamed,
-                             backfill=summary.model_dump(), requests=len(uris) + len(bad), photos=len(photos))
+            ctx = DemoResult(stamp=stamp, artifact=artifact, metrics=metrics, trained=trained, results=results,
+                             backfilled=backfilled, official=official, checkpoint=checkpoint, dead_letters=dlq, switched=switched,
+                             backfill=summary.model_dump(), requests=len(uris) + len(bad))
             report = write_report(out, ctx, images, timings)
     finally:
         if head is not None:
@@ -580,7 +579,6 @@ def run_demo(
 @dataclass
 class DemoResult:
     stamp: str
-    recipe: Recipe
     artifact: str
     metrics: dict[str, Any]
     trained: bool
@@ -589,10 +587,9 @@ class DemoResult:
     official: list[dict[str, Any]]
     checkpoint: str | None
     dead_letters: list[dict[str, Any]]
-    streamed: dict[str, Any]
+    switched: bool  # every replica ended on demo@2
     backfill: dict[str, Any]
     requests: int
-    photos: int
 
 
 def summary_dict(ctx: DemoResult, timings: Timings, total: float) -> dict[str, Any]:
@@ -606,12 +603,16 @@ def summary_dict(ctx: DemoResult, timings: Timings, total: float) -> dict[str, A
         "stream results (distinct ids, duplicates)": f"{len(ids)}, {sum(n - 1 for n in ids.values())}",
         "dead letters by kind": dict(sorted(Counter(d["error"]["kind"] for d in ctx.dead_letters).items())),
         "results per vocabulary": dict(sorted(Counter(r["vocab"] for r in ctx.results).items())),
-        "every replica on demo@2": ctx.streamed["switched"],
+        "every replica on demo@2": ctx.switched,
         "backfill tagged / errors / skipped": f"{ctx.backfill['images_tagged']} / {sum(ctx.backfill['errors'].values())} / {ctx.backfill['images_skipped']}",
         "photos tagged with --checkpoint": f"{len(ctx.official)} ({ctx.checkpoint})" if ctx.checkpoint else "not run (no --checkpoint)",
         "seconds by phase": {k: round(v, 1) for k, v in timings.phases.items()},
         "seconds in all": round(total, 1),
     }
+
+
+def _flat(value: Any) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
 def print_summary(ctx: DemoResult, timings: Timings, total: float) -> None:
@@ -620,8 +621,7 @@ def print_summary(ctx: DemoResult, timings: Timings, total: float) -> None:
 
     table = Table(title="RAMPlus demo", show_header=False)
     for key, value in summary_dict(ctx, timings, total).items():
-        text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
-        table.add_row(key, text)
+        table.add_row(key, _flat(value))
     Console(width=140).print(table)
 
 
@@ -635,8 +635,7 @@ def write_report(out: Path, ctx: DemoResult, images: dict[str, bytes], timings: 
         TagResult(id=Path(r["path"]).stem, uri=r["uri"], tags=r["tags"], vocab=r["vocab"], model=r["model"], worker="ramplus tag")
         for r in ctx.official
     ]
-    summary = {k: (", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else v)
-               for k, v in summary_dict(ctx, timings, sum(timings.phases.values())).items()
+    summary = {k: _flat(v) for k, v in summary_dict(ctx, timings, sum(timings.phases.values())).items()
                if k not in ("results per vocabulary", "seconds in all")}
     items = (report_images(stream, images, path="stream (Kafka -> fleet -> S3)")
              + report_images(backfill, images, path="backfill (S3 prefix -> Ray Data -> S3)")
