@@ -374,9 +374,9 @@ class _StopRequest:
     """SIGINT / SIGTERM (`ray job stop`) handler: the first one asks the tagging loop to stop after the row in
     hand; a second one stops at once.
 
-    Raising from the handler itself is not reliable: the signal lands wherever the main thread is, often in
-    an ObjectRef's `__del__` while Ray Data iterates, where Python prints the exception and drops it (CI saw
-    a SIGINT'd backfill run on to completion). A flag checked by the loop cannot be dropped."""
+    Raising from the handler itself is not reliable: the signal lands wherever the main thread is, which
+    while Ray Data iterates can be a `__del__` (an ObjectRef's), where Python prints the exception and drops
+    it; CI saw a SIGINT'd backfill run on to completion. A flag checked by the loop cannot be dropped."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
