@@ -35,3 +35,13 @@ class InputError(RamPlusError):
 def input_error_from(exc: ImageError) -> InputError:
     """ramplus_core's image errors carry their kind as a plain string."""
     return InputError(ErrorKind(getattr(exc, "kind", "decode")), str(exc))
+
+
+class SourceUnavailable(RamPlusError):
+    """The fleet's own storage cannot be reached (an S3 outage): not the request's fault. The pipeline
+    retries the record until the storage is back (or the replica stops), and never dead-letters it for this."""
+
+
+class DeadLetterRefused(RamPlusError):
+    """The dead-letter topic refused a letter even cut down to its minimum (reason, position, digest): sending
+    it again can never succeed. The record is skipped: committed, logged and counted, not retried for ever."""

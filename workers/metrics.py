@@ -30,6 +30,29 @@ class ReplicaMetrics:
             "ramplus_end_to_end_seconds", "From the record's timestamp to its result in S3", buckets=LATENCY_BUCKETS, registry=r
         )
         self.in_flight = Gauge("ramplus_in_flight", "Records polled and not yet committable", registry=r)
+        self.oldest_in_flight = Gauge(
+            "ramplus_oldest_in_flight_seconds", "Age of the oldest record holding back a partition's commits", registry=r,
+        )
+        self.stuck = Counter(
+            "ramplus_stuck_records", "Records in flight longer than RAMPLUS_FLEET__STUCK_AFTER_S (each reported once)",
+            registry=r,
+        )
+        self.skipped = Counter(
+            "ramplus_records_skipped", "Records committed with neither a result nor a dead letter (see the log)", ["reason"],
+            registry=r,
+        )
+        self.dead_letters_cut = Counter(
+            "ramplus_dead_letters_cut", "Dead letters sent without the record's value: the whole letter did not fit the topic",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "ramplus_partition_events", "Partitions assigned, revoked (handed over cleanly) or lost (evicted)", ["event"],
+            registry=r,
+        )
+        self.rebalance_drain_seconds = Histogram(
+            "ramplus_rebalance_drain_seconds", "How long a revocation waited for in-flight records",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )
         self.stale_dropped = Counter(
             "ramplus_stale_results_dropped", "Results not written: their partition moved to another replica meanwhile",
             registry=r,

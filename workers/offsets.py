@@ -7,6 +7,7 @@ first unfinished one. Used only from the polling thread (kafka-python's consumer
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from workers.records import TopicPartition
@@ -15,6 +16,7 @@ from workers.records import TopicPartition
 class OffsetTracker:
     def __init__(self) -> None:
         self._pending: dict[TopicPartition, deque[int]] = {}
+        self._polled_at: dict[TopicPartition, dict[int, float]] = {}  # monotonic time each pending offset was polled
         self._done: dict[TopicPartition, set[int]] = {}
         self._next: dict[TopicPartition, int] = {}  # the offset to commit: all below it are finished
         self._committed: dict[TopicPartition, int] = {}
@@ -22,12 +24,13 @@ class OffsetTracker:
         # mistaken for the same offset polled again after the partition came back.
         self._epoch: dict[TopicPartition, int] = {}
 
-    def add(self, tp: TopicPartition, offset: int) -> int:
+    def add(self, tp: TopicPartition, offset: int, polled_at: float | None = None) -> int:
         """Track a polled offset; returns the epoch to hand back to `done`."""
         pending = self._pending.setdefault(tp, deque())
         if pending and offset <= pending[-1]:
             raise ValueError(f"{tp}: offset {offset} polled after {pending[-1]} (seek without forget?)")
         pending.append(offset)
+        self._polled_at.setdefault(tp, {})[offset] = time.monotonic() if polled_at is None else polled_at
         self._done.setdefault(tp, set())
         return self._epoch.get(tp, 0)
 
@@ -39,7 +42,12 @@ class OffsetTracker:
         while pending and pending[0] in done:
             finished = pending.popleft()
             done.discard(finished)
+            self._polled_at[tp].pop(finished, None)
             self._next[tp] = finished + 1
+
+    def oldest(self) -> list[tuple[TopicPartition, int, float]]:
+        """Per partition, the first offset not yet done and when it was polled: what holds its commits back."""
+        return [(tp, pending[0], self._polled_at[tp][pending[0]]) for tp, pending in self._pending.items() if pending]
 
     def epoch(self, tp: TopicPartition) -> int:
         """Read from other threads too (a dict lookup is atomic): has the partition been forgotten since?"""
@@ -64,7 +72,7 @@ class OffsetTracker:
     def forget(self, tps: list[TopicPartition] | None = None) -> None:
         """Drop partitions we no longer own (revoked, lost) or that were seeked."""
         for tp in list(self._pending) if tps is None else tps:
-            for table in (self._pending, self._done, self._next, self._committed):
+            for table in (self._pending, self._polled_at, self._done, self._next, self._committed):
                 table.pop(tp, None)
             self._epoch[tp] = self._epoch.get(tp, 0) + 1
 

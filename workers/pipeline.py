@@ -38,11 +38,11 @@ import structlog
 import torch
 
 from ramplus_core.tagging import ImageTags
-from workers.errors import ErrorKind, InputError
+from workers.errors import DeadLetterRefused, ErrorKind, InputError, SourceUnavailable
 from workers.metrics import ReplicaMetrics
 from workers.offsets import OffsetTracker
 from workers.records import Record, TopicPartition
-from workers.schemas import DeadLetter, TagRequest, TagResult
+from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_REQUEST_BYTES, DeadLetter, TagRequest, TagResult
 
 log = structlog.get_logger("ramplus.pipeline")
 
@@ -65,11 +65,12 @@ class ResultSink(Protocol):
 
 class DeadLetterSink(Protocol):
     def send(self, letter: DeadLetter, key: bytes | None) -> None:
-        """Acknowledged when it returns."""
+        """Acknowledged when it returns; `DeadLetterRefused` when it can never be (anything else is retried)."""
 
 
 class Fetcher(Protocol):
-    def fetch(self, uri: str) -> bytes: ...
+    def fetch(self, uri: str) -> bytes:
+        """The bytes, an `InputError` (the request's fault) or `SourceUnavailable` (retried until it is back)."""
 
 
 class Engine(Protocol):
@@ -110,6 +111,9 @@ class StreamPipeline:
         fetch_concurrency: int = 8,
         drain_timeout_s: float = 60.0,
         retry_wait_s: float = 0.5,
+        stuck_after_s: float = 120.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        dead_letter_original_bytes: int = DEAD_LETTER_ORIGINAL_BYTES,
         metrics: ReplicaMetrics | None = None,
     ) -> None:
         self.source, self.sink, self.dead_letters = source, sink, dead_letters
@@ -118,6 +122,8 @@ class StreamPipeline:
         self.batch_size, self.max_batch_wait_s = batch_size, max_batch_wait_s
         self.max_in_flight = max_in_flight
         self.drain_timeout_s, self.retry_wait_s = drain_timeout_s, retry_wait_s
+        self.stuck_after_s = stuck_after_s
+        self.max_request_bytes, self.dead_letter_original_bytes = max_request_bytes, dead_letter_original_bytes
         self.metrics = metrics or ReplicaMetrics()
         self.tracker = OffsetTracker()
         self._pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="ramplus-fetch")
@@ -132,7 +138,11 @@ class StreamPipeline:
         self._write_lock = threading.Lock()
         self._fatal: BaseException | None = None
         self._threads: list[threading.Thread] = []
-        self.stats = {"polled": 0, "tagged": 0, "dead_letters": 0, "commits": 0, "batches": 0}
+        # Where each record in flight is (prepare, tag, write, dead_letter): what a stuck-record report names.
+        # Written by the stage threads, read by the polling thread; single dict operations, atomic in CPython.
+        self._stage: dict[tuple[TopicPartition, int], str] = {}
+        self._reported_stuck: set[tuple[TopicPartition, int]] = set()
+        self.stats = {"polled": 0, "tagged": 0, "dead_letters": 0, "skipped": 0, "commits": 0, "batches": 0}
 
     # -- the polling thread -------------------------------------------------------------------------------
 
@@ -146,6 +156,7 @@ class StreamPipeline:
                 self._take_finished()
                 self._commit()
                 self._flow_control()
+                self._report_stuck()
                 for record in self.source.poll(poll_timeout_s):
                     self._admit(record)
                 if until_idle is not None and until_idle() and self.tracker.in_flight() == 0:
@@ -155,9 +166,11 @@ class StreamPipeline:
             self._stop_threads()
 
     def _admit(self, record: Record) -> None:
-        epoch = self.tracker.add(record.tp, record.offset)
+        now = time.monotonic()
+        epoch = self.tracker.add(record.tp, record.offset, now)
         self.stats["polled"] += 1
-        self._pool.submit(self._prepare, record, time.monotonic(), epoch)
+        self._stage[(record.tp, record.offset)] = "prepare"
+        self._pool.submit(self._prepare, record, now, epoch)
 
     def _take_finished(self) -> int:
         n = 0
@@ -167,6 +180,8 @@ class StreamPipeline:
             except queue.Empty:
                 return n
             self.tracker.done(tp, offset, epoch)
+            self._stage.pop((tp, offset), None)
+            self._reported_stuck.discard((tp, offset))
             n += 1
 
     def _commit(self) -> bool:
@@ -182,6 +197,20 @@ class StreamPipeline:
         self.tracker.mark_committed(offsets)
         self.stats["commits"] += 1
         return True
+
+    def _report_stuck(self) -> None:
+        """A record that holds its partition's commits back longer than `stuck_after_s` is reported, once:
+        whatever the cause (a bug, a dependency that never answers), it can never hide."""
+        now, oldest_age = time.monotonic(), 0.0
+        for tp, offset, polled_at in self.tracker.oldest():
+            age = now - polled_at
+            oldest_age = max(oldest_age, age)
+            if age > self.stuck_after_s and (tp, offset) not in self._reported_stuck:
+                self._reported_stuck.add((tp, offset))
+                self.metrics.stuck.inc()
+                log.error("record.stuck", topic=tp[0], partition=tp[1], offset=offset, age_s=round(age, 1),
+                          stage=self._stage.get((tp, offset), "done, not yet committed"), bound_s=self.stuck_after_s)
+        self.metrics.oldest_in_flight.set(oldest_age)
 
     def _flow_control(self) -> None:
         in_flight = self.tracker.in_flight()
@@ -220,47 +249,89 @@ class StreamPipeline:
     def forget(self, tps: list[TopicPartition]) -> None:
         with self._write_lock:
             self.tracker.forget(tps)
+        gone = set(tps)
+        for key in [k for k in list(self._stage) if k[0] in gone]:
+            self._stage.pop(key, None)
+        self._reported_stuck = {k for k in self._reported_stuck if k[0] not in gone}
 
     # -- fetch + decode threads ---------------------------------------------------------------------------
 
     def _prepare(self, record: Record, polled_at: float, epoch: int) -> None:
+        """Every record leaves here with an outcome: ready for the model, dead-lettered, or skipped."""
+        try:
+            prepared = self._parse_fetch_decode(record, polled_at, epoch)
+            if prepared is not None:
+                self._stage[(record.tp, record.offset)] = "tag"
+                self._ready.put(prepared)
+        except PipelineStopped:
+            return  # stopping: left uncommitted, redone after the restart
+        except BaseException as exc:  # a bug in the dead-letter path itself: never leave the record in flight
+            log.exception("prepare.unhandled", partition=record.partition, offset=record.offset)
+            self._skip(record, epoch, "unhandled", f"{type(exc).__name__}: {exc}")
+
+    def _parse_fetch_decode(self, record: Record, polled_at: float, epoch: int) -> Prepared | None:
         request: TagRequest | None = None
         try:
-            request = TagRequest.parse(record.value)
+            request = TagRequest.parse(record.value, max_bytes=self.max_request_bytes)
             # Before the fetch: a request for a vocabulary that cannot be served costs no download.
             vocab = self.engine.vocabulary_for(request.vocab) if request.vocab is not None else None
-            data = self.fetcher.fetch(request.uri)
+            uri = request.uri
+            data = self._retry_until_stopped("fetch", lambda: self.fetcher.fetch(uri), retry_on=(SourceUnavailable,))
             pixels = self.engine.decode(data, request.uri)
         except InputError as exc:
             self._dead_letter(record, exc, request, epoch)
-            return
+            return None
+        except PipelineStopped:
+            raise
         except Exception as exc:  # a bug of ours, not the request's: say so in the dead letter
             log.exception("prepare.internal_error", offset=record.offset, partition=record.partition)
             self._dead_letter(record, InputError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), request, epoch)
-            return
-        self._ready.put(Prepared(record, request, pixels, polled_at, epoch, vocab))
+            return None
+        return Prepared(record, request, pixels, polled_at, epoch, vocab)
 
     def _dead_letter(self, record: Record, error: InputError, request: TagRequest | None, epoch: int) -> None:
-        letter = DeadLetter.build(record.value, error, record.source, self.worker, request.id if request else None)
+        self._stage[(record.tp, record.offset)] = "dead_letter"
+        letter = DeadLetter.build(
+            record.value, error, record.source, self.worker, request.id if request else None,
+            max_original_bytes=self.dead_letter_original_bytes,
+        )
         try:
-            self._retry_until_stopped("dead_letter", lambda: self.dead_letters.send(letter, record.key))
-        except PipelineStopped:
-            return  # not acknowledged: stays uncommitted and is redone after restart
+            self._retry_until_stopped(
+                "dead_letter", lambda: self.dead_letters.send(letter, record.key), give_up_on=(DeadLetterRefused,)
+            )
+        except DeadLetterRefused as exc:
+            self._skip(record, epoch, "dead_letter_refused", str(exc), kind=error.kind.value, letter_id=letter.letter_id,
+                       size=letter.original_size, sha256=letter.original_sha256)
+            return
         self.metrics.dead_letters.labels(kind=error.kind.value).inc()
         self.stats["dead_letters"] += 1
-        log.info("dead_letter", kind=error.kind.value, reason=str(error), partition=record.partition, offset=record.offset)
+        log.info("dead_letter", kind=error.kind.value, reason=str(error)[:500], partition=record.partition, offset=record.offset)
         self._finished.put((record.tp, record.offset, epoch))
 
-    def _retry_until_stopped(self, stage: str, action: Callable[[], None]) -> None:
-        """Writes are retried until they succeed: their records must not be committed without them."""
+    def _skip(self, record: Record, epoch: int, reason: str, detail: str, **context: Any) -> None:
+        """The last resort, for a record no result or dead letter can ever be made for: commit past it, and
+        say so loudly (log at error level with everything needed to find it again, and a metric)."""
+        self.metrics.skipped.labels(reason=reason).inc()
+        self.stats["skipped"] += 1
+        log.error("record.skipped", reason=reason, detail=detail[:500], topic=record.topic, partition=record.partition,
+                  offset=record.offset, **context)
+        self._finished.put((record.tp, record.offset, epoch))
+
+    def _retry_until_stopped(
+        self, stage: str, action: Callable[[], Any], *,
+        retry_on: tuple[type[BaseException], ...] = (Exception,), give_up_on: tuple[type[BaseException], ...] = (),
+    ) -> Any:
+        """`action()` until it succeeds: writes must happen before their records are committed, and an outage
+        of the fleet's own storage is waited out. Raises what is in `give_up_on` or not in `retry_on`."""
         wait = self.retry_wait_s
         while True:
             try:
-                action()
-                return
-            except Exception as exc:
+                return action()
+            except give_up_on:
+                raise
+            except retry_on as exc:
                 self.metrics.errors.labels(stage=stage).inc()
-                log.warning(f"{stage}.retry", error=f"{type(exc).__name__}: {exc}", wait_s=wait)
+                log.warning(f"{stage}.retry", error=f"{type(exc).__name__}: {str(exc)[:500]}", wait_s=wait)
             if self._stopping.wait(wait):
                 raise PipelineStopped(stage)
             wait = min(wait * 2, 10.0)
@@ -306,29 +377,54 @@ class StreamPipeline:
     # -- writer thread ------------------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        while True:
-            item = self._to_write.get()
-            if item is None:
-                return
-            by_partition: dict[TopicPartition, list[tuple[Prepared, TagResult]]] = {}
-            for prepared, tags in item:
-                record, request = prepared.record, prepared.request
-                result = TagResult(
-                    id=request.id, uri=request.uri, tags=tags.tags, vocab=tags.vocab, model=self.engine.model_id,
-                    worker=self.worker, source=record.source, meta=request.meta,
-                )
-                by_partition.setdefault(record.tp, []).append((prepared, result))
-            for tp, rows in by_partition.items():
-                rows.sort(key=lambda r: r[0].record.offset)
-                rows = self._write_owned(tp, rows)
-                now_wall, now = time.time(), time.monotonic()
-                for prepared, _ in rows:
-                    ts = prepared.record.timestamp_ms
-                    # End to end: from the producer's timestamp when there is one, else from our poll.
-                    self.metrics.latency.observe(now_wall - ts / 1000 if ts else now - prepared.polled_at)
-                    self._finished.put((tp, prepared.record.offset, prepared.epoch))
-                self.metrics.images.inc(len(rows))
-                self.stats["tagged"] += len(rows)
+        try:
+            while True:
+                item = self._to_write.get()
+                if item is None:
+                    return
+                self._write_batch(item)
+        except BaseException as exc:  # a writer that died silently would hold every partition: restart instead
+            log.exception("writer.failed")
+            self._fatal = exc
+
+    def _write_batch(self, item: list[tuple[Prepared, ImageTags]]) -> None:
+        by_partition: dict[TopicPartition, list[tuple[Prepared, TagResult]]] = {}
+        for prepared, tags in item:
+            record, request = prepared.record, prepared.request
+            result = TagResult(
+                id=request.id, uri=request.uri, tags=tags.tags, vocab=tags.vocab, model=self.engine.model_id,
+                worker=self.worker, source=record.source, meta=request.meta,
+            )
+            try:
+                # The sink serialises it again; a result that cannot be serialised would fail the write for ever.
+                result.model_dump_json()
+            except Exception as exc:  # parsing should have refused it: our bug, so say so and move on
+                log.exception("result.unwritable", partition=record.partition, offset=record.offset)
+                error = InputError(ErrorKind.INTERNAL, f"result cannot be serialised: {type(exc).__name__}: {exc}")
+                self._pool.submit(self._dead_letter_or_skip, record, error, request, prepared.epoch)
+                continue
+            self._stage[(record.tp, record.offset)] = "write"
+            by_partition.setdefault(record.tp, []).append((prepared, result))
+        for tp, rows in by_partition.items():
+            rows.sort(key=lambda r: r[0].record.offset)
+            rows = self._write_owned(tp, rows)
+            now_wall, now = time.time(), time.monotonic()
+            for prepared, _ in rows:
+                ts = prepared.record.timestamp_ms
+                # End to end: from the producer's timestamp when there is one, else from our poll.
+                self.metrics.latency.observe(now_wall - ts / 1000 if ts else now - prepared.polled_at)
+                self._finished.put((tp, prepared.record.offset, prepared.epoch))
+            self.metrics.images.inc(len(rows))
+            self.stats["tagged"] += len(rows)
+
+    def _dead_letter_or_skip(self, record: Record, error: InputError, request: TagRequest | None, epoch: int) -> None:
+        try:
+            self._dead_letter(record, error, request, epoch)
+        except PipelineStopped:
+            return
+        except BaseException as exc:
+            log.exception("dead_letter.unhandled", partition=record.partition, offset=record.offset)
+            self._skip(record, epoch, "unhandled", f"{type(exc).__name__}: {exc}")
 
     def _write_owned(
         self, tp: TopicPartition, rows: list[tuple[Prepared, TagResult]]

@@ -70,7 +70,7 @@ class Replica:
         self.fetcher = UriFetcher(f, settings.s3)
         window = 4 * (fleet.max_in_flight + settings.kafka.max_poll_records) + 1000
         self.sink = S3ResultSink(settings.s3, recovery_window=window)
-        self.dead_letters = KafkaDeadLetters(settings.kafka, client_id=f"ramplus-dlq-{index}")
+        self.dead_letters = KafkaDeadLetters(settings.kafka, client_id=f"ramplus-dlq-{index}", metrics=self.metrics)
         self.source = KafkaSource(
             settings.kafka, client_id=f"ramplus-replica-{index}", metrics=self.metrics,
             instance_id=f"{settings.kafka.group_id}-replica-{index}" if settings.kafka.static_membership else None,
@@ -79,7 +79,9 @@ class Replica:
             self.source, self.sink, self.dead_letters, self.engine, self.fetcher,
             worker=self.name, batch_size=fleet.batch_size, max_batch_wait_s=fleet.max_batch_wait_s,
             max_in_flight=fleet.max_in_flight, fetch_concurrency=f.concurrency,
-            drain_timeout_s=fleet.drain_timeout_s, metrics=self.metrics,
+            drain_timeout_s=fleet.drain_timeout_s, stuck_after_s=fleet.stuck_after_s,
+            max_request_bytes=settings.kafka.max_request_bytes,
+            dead_letter_original_bytes=settings.kafka.dead_letter_original_bytes, metrics=self.metrics,
         )
         self.source.hooks = self.pipeline
         self.source.on_assigned = self.sink.recover

@@ -7,7 +7,9 @@ ones we use. Results and dead letters are what consumers downstream rely on: cha
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -18,6 +20,14 @@ from workers.errors import ErrorKind, InputError
 
 SCHEMES = ("s3", "https", "http", "file")
 MAX_ID_LENGTH = 512
+# A request is a few hundred bytes; `meta` makes it larger. Over this it is refused before it is decoded.
+MAX_REQUEST_BYTES = 256 * 1024
+# Results and dead letters are serialised by pydantic, which refuses deep nesting: refuse it on the way in.
+MAX_JSON_DEPTH = 32
+# What a dead letter carries of the record's value; the whole is summed up by its size and sha256.
+DEAD_LETTER_ORIGINAL_BYTES = 64 * 1024
+MAX_ERROR_MESSAGE = 4096
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")  # escaped as \u00XX in JSON: six bytes for one
 
 
 def utc_now() -> datetime:
@@ -46,23 +56,76 @@ class TagRequest(BaseModel):
         return uri
 
     @classmethod
-    def parse(cls, value: bytes | None) -> TagRequest:
-        """Bytes from the topic -> a request, or an `InputError` that says what is wrong with them."""
+    def parse(cls, value: bytes | None, *, max_bytes: int = MAX_REQUEST_BYTES) -> TagRequest:
+        """Bytes from the topic -> a request, or an `InputError` that says what is wrong with them.
+
+        The cost is bounded whatever the bytes: the size is checked before decoding, and a request whose
+        JSON nests deeper than `MAX_JSON_DEPTH` or holds text that cannot be written back out as UTF-8
+        is refused here, not later when its result or dead letter is serialised (where it would fail
+        for ever and hold its partition).
+        """
         if value is None:
             raise InputError(ErrorKind.MALFORMED, "empty message (tombstone): expected a JSON request")
+        if len(value) > max_bytes:
+            raise InputError(
+                ErrorKind.TOO_LARGE,
+                f"message is {len(value)} bytes, over the {max_bytes}-byte limit for a request (RAMPLUS_KAFKA__MAX_REQUEST_BYTES)",
+            )
         try:
-            data = json.loads(value.decode("utf-8"))
+            text = value.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InputError(ErrorKind.MALFORMED, f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise InputError(ErrorKind.MALFORMED, f"message is not JSON ({exc.msg} at char {exc.pos})") from exc
+        except RecursionError as exc:
+            raise InputError(ErrorKind.VALIDATION, f"message nests deeper than {MAX_JSON_DEPTH} levels") from exc
+        except (ValueError, MemoryError) as exc:  # e.g. an integer of more digits than Python converts
+            raise InputError(ErrorKind.VALIDATION, f"message cannot be read as a request ({_short(exc)})") from exc
         if not isinstance(data, dict):
             raise InputError(ErrorKind.MALFORMED, f"message is JSON {type(data).__name__}, expected an object")
+        _check_writable(data)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors())
-            raise InputError(ErrorKind.VALIDATION, f"invalid request: {problems}") from exc
+            raise InputError(ErrorKind.VALIDATION, f"invalid request: {_short(problems)}") from exc
+
+
+def _short(text: object, limit: int = 500) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_writable(data: Any) -> None:
+    """Containers nested at most MAX_JSON_DEPTH deep, every string (keys too) encodable as UTF-8; no recursion."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)) and depth > MAX_JSON_DEPTH:
+            raise InputError(ErrorKind.VALIDATION, f"message nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            strings, children = list(node), node.values()
+        elif isinstance(node, list):
+            strings, children = [], node
+        elif isinstance(node, str):
+            strings, children = [node], ()
+        else:
+            continue
+        for text in strings:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InputError(
+                    ErrorKind.VALIDATION,
+                    f"message has text that is not valid Unicode (an unpaired surrogate, {text[exc.start]!a})",
+                ) from exc
+        stack.extend((child, depth + 1) for child in children)
 
 
 class SourceRef(BaseModel):
@@ -93,10 +156,24 @@ class ErrorInfo(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """A record that could not be tagged, with the original payload byte for byte."""
+    """A record that could not be tagged: why, where it was, and its value (whole, or a bounded prefix).
 
-    original: str = Field(description="The record's value: text when it is UTF-8, else base64")
-    encoding: Literal["utf-8", "base64", "none"] = "utf-8"
+    The dead-letter topic is at-least-once (a replica that dies between the send and the commit sends
+    the letter again after the restart): `letter_id` is the same for every copy, so readers can drop repeats.
+    The envelope never inflates binary bytes: the value is carried as text only when it is UTF-8 without
+    control characters (which JSON would escape sixfold), otherwise as base64, and never more than
+    `DEAD_LETTER_ORIGINAL_BYTES` of it; `original_size` and `original_sha256` describe the whole value.
+    """
+
+    letter_id: str = Field(description="'topic/partition/offset' of the record: equal for repeats of the same letter")
+    original: str = Field(description="The record's value (or its first bytes, see `truncated`): text, or base64")
+    encoding: Literal["utf-8", "base64", "none", "omitted"] = Field(
+        "utf-8", description="utf-8 or base64: how `original` holds the bytes; none: the value was null; "
+        "omitted: not carried (the letter had to be cut down to fit the topic)",
+    )
+    original_size: int = Field(0, description="Bytes in the whole value")
+    original_sha256: str | None = Field(None, description="sha256 of the whole value (hex); none for a null value")
+    truncated: bool = Field(False, description="`original` holds only the first bytes of the value")
     id: str | None = Field(default=None, description="The request id when the payload parsed far enough")
     error: ErrorInfo
     source: SourceRef
@@ -104,24 +181,57 @@ class DeadLetter(BaseModel):
     worker: str
 
     @classmethod
-    def build(cls, value: bytes | None, error: InputError, source: SourceRef, worker: str, request_id: str | None = None) -> DeadLetter:
+    def build(
+        cls, value: bytes | None, error: InputError, source: SourceRef, worker: str, request_id: str | None = None,
+        *, max_original_bytes: int = DEAD_LETTER_ORIGINAL_BYTES,
+    ) -> DeadLetter:
+        encoding: Literal["utf-8", "base64", "none"]
         if value is None:
-            original, encoding = "", "none"
+            original, encoding, truncated = "", "none", False
         else:
-            try:
-                original, encoding = value.decode("utf-8"), "utf-8"
-            except UnicodeDecodeError:
-                original, encoding = base64.b64encode(value).decode("ascii"), "base64"
+            prefix, truncated = value[:max_original_bytes], len(value) > max_original_bytes
+            text = _plain_text(prefix, cut=truncated)
+            if text is not None:
+                original, encoding = text, "utf-8"
+            else:
+                original, encoding = base64.b64encode(prefix).decode("ascii"), "base64"
         return cls(
+            letter_id=f"{source.topic}/{source.partition}/{source.offset}",
             original=original,
             encoding=encoding,
+            original_size=0 if value is None else len(value),
+            original_sha256=None if value is None else hashlib.sha256(value).hexdigest(),
+            truncated=truncated,
             id=request_id,
-            error=ErrorInfo(kind=error.kind, message=str(error)),
+            error=ErrorInfo(kind=error.kind, message=_short(str(error), MAX_ERROR_MESSAGE)),
             source=source,
             worker=worker,
         )
 
+    def minimal(self) -> DeadLetter:
+        """The same letter without the value (reason, position, size and digest): what is sent when the
+        whole letter does not fit the topic."""
+        return self.model_copy(update={
+            "original": "", "encoding": "omitted" if self.encoding != "none" else "none",
+            "truncated": self.encoding != "none", "error": ErrorInfo(kind=self.error.kind, message=_short(self.error.message, 500)),
+        })
+
     def original_bytes(self) -> bytes | None:
+        """The bytes `original` carries (all of the value unless `truncated`); None for a null value."""
         if self.encoding == "none":
             return None
+        if self.encoding == "omitted":
+            return b""
         return base64.b64decode(self.original) if self.encoding == "base64" else self.original.encode("utf-8")
+
+
+def _plain_text(data: bytes, *, cut: bool) -> str | None:
+    """`data` as text if it is UTF-8 (a character cut at the end when `cut`) with no control character
+    but tab and newlines; else None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not cut or exc.start < len(data) - 3 or exc.reason != "unexpected end of data":
+            return None
+        text = data[: exc.start].decode("utf-8")
+    return None if _CONTROL.search(text) else text

@@ -32,6 +32,12 @@ class KafkaSettings(BaseModel):
     max_poll_interval_ms: int = Field(300_000, ge=10_000, description="Max time between polls before eviction")
     max_poll_records: int = Field(256, ge=1, description="Records per poll")
     static_membership: bool = Field(True, description="Replica i joins as '<group>-replica-i' (no rebalance on restart)")
+    max_request_bytes: int = Field(
+        256 * 1024, ge=1024, description="Larger request messages are dead-lettered (too_large) without being parsed"
+    )
+    dead_letter_original_bytes: int = Field(
+        64 * 1024, ge=0, description="How much of a bad record's value its dead letter carries (the whole: size + sha256)"
+    )
     client_options: dict[str, Any] = Field(default_factory=dict, description="Extra kafka-python options (security, ...)")
 
 
@@ -100,6 +106,9 @@ class FleetSettings(BaseModel):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 in a pod)")
     ray_address: str | None = Field(None, description="Join this Ray cluster; None = start a local one")
     drain_timeout_s: float = Field(60.0, gt=0, description="How long a stopping replica may take to drain")
+    stuck_after_s: float = Field(
+        120.0, gt=0, description="A record in flight longer than this is reported (log record.stuck, a metric)"
+    )
 
 
 class TrainSettings(BaseModel):
