@@ -50,7 +50,7 @@ from workers.backfill_plan import (
     transient_error_count,
 )
 from workers.engine import ImageDecoder, TaggingEngine
-from workers.errors import ErrorKind, InputError
+from workers.errors import ErrorKind, InputError, SourceUnavailable
 from workers.schemas import TagResult, utc_now
 from workers.settings import FetchSettings, Settings
 
@@ -139,6 +139,8 @@ def fetch_and_decode(batch: Any, *, config: str) -> Any:
             pixels = decoder.decode(fetcher.fetch(uri), uri).contiguous()
         except InputError as exc:
             return out | {"error_kind": exc.kind.value, "error": str(exc)}
+        except SourceUnavailable as exc:  # S3 away: a transient error, redone by a rerun (--retry-transient)
+            return out | {"error_kind": ErrorKind.FETCH.value, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not fail the job: report it with the image
             return out | {"error_kind": ErrorKind.INTERNAL.value, "error": f"{type(exc).__name__}: {exc}"}
         c, h, w = pixels.shape

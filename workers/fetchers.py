@@ -5,8 +5,9 @@ read past `max_bytes` (declared sizes are checked first, and the stream is cut o
 servers that lie or send chunked bodies), and redirects are followed by hand so that every hop is checked
 against the allowlist. Transient failures (refused or reset connections, timeouts, 5xx, 429, S3 throttling)
 are retried with `tenacity`; permanent ones (404, 403, forbidden, too large) fail at once. Every failure is
-an `InputError` whose kind says why; messages name the URI without userinfo or query string, which may
-carry credentials.
+an `InputError` whose kind says why, except one: an S3 endpoint that does not answer at all once the tries
+are spent is an outage of the fleet's storage (`SourceUnavailable`), which the pipeline waits out. Messages
+name the URI without userinfo or query string, which may carry credentials.
 
 Parsing choices:
 - S3 keys are taken verbatim, after the first `/` following the bucket: not percent-decoded (S3 allows `%`
@@ -49,7 +50,7 @@ from tenacity import (
     wait_random,
 )
 
-from workers.errors import ErrorKind, InputError
+from workers.errors import ErrorKind, InputError, SourceUnavailable
 from workers.settings import FetchSettings, S3Settings
 
 log = structlog.get_logger("ramplus.fetch")
@@ -164,7 +165,26 @@ class S3Fetcher:
             raise InputError(
                 ErrorKind.FORBIDDEN, f"{redact(uri)}: bucket {bucket!r} is not in the allowlist (RAMPLUS_FETCH__S3_BUCKETS)"
             )
-        return _with_retries(uri, self.settings.attempts, self.retry_wait_s, lambda: self._get(uri, bucket, key))
+        try:
+            return _with_retries(uri, self.settings.attempts, self.retry_wait_s, lambda: self._get(uri, bucket, key))
+        except InputError as exc:
+            # Out of tries: this object's fault, or the whole S3 endpoint's? Only an endpoint that answers
+            # for the bucket makes it the request's; one that does not is an outage of the fleet's storage,
+            # which the pipeline waits out instead of dead-lettering every request meanwhile.
+            if isinstance(exc.__cause__, TransientFetchError) and not self._answers(bucket):
+                raise SourceUnavailable(f"{redact(uri)}: the S3 endpoint does not answer ({exc.__cause__})") from exc
+            raise
+
+    def _answers(self, bucket: str) -> bool:
+        """Whether the endpoint answers a HEAD of the bucket at all (any 4xx counts: it is there)."""
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return 400 <= status < 500 and status != 429
+        except Exception:  # unreachable, timeouts, resets
+            return False
+        return True
 
     def close(self) -> None:
         if self.owns_client and hasattr(self.client, "close"):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from workers.errors import ErrorKind, InputError
+from workers.errors import ErrorKind, InputError, SourceUnavailable
 from workers.fetchers import FileFetcher, HttpFetcher, S3Fetcher, UriFetcher, redact, split_s3_uri
 from workers.settings import FetchSettings, S3Settings
 
@@ -495,10 +495,18 @@ class StubBody(io.BytesIO):
 class StubS3:
     """get_object answers from a script: each entry is bytes (an object), an exception, or (bytes, length)."""
 
-    def __init__(self, *script: Any) -> None:
+    def __init__(self, *script: Any, head: Exception | None = None) -> None:
         self.script = list(script)
         self.calls: list[dict[str, str]] = []
         self.bodies: list[StubBody] = []
+        self.head = head  # what head_bucket raises (None: the endpoint answers)
+        self.heads: list[str] = []
+
+    def head_bucket(self, Bucket: str) -> dict[str, Any]:  # noqa: N803 - boto3's name
+        self.heads.append(Bucket)
+        if self.head is not None:
+            raise self.head
+        return {}
 
     def get_object(self, **kwargs: str) -> dict[str, Any]:
         self.calls.append(kwargs)
@@ -585,6 +593,20 @@ def test_s3_transient_errors_retried(error: Exception) -> None:
     assert len(stub.calls) == 3
 
 
+@pytest.mark.parametrize("head", [EndpointConnectionError(endpoint_url="http://127.0.0.1:1/images"), client_error("x", 503)])
+def test_s3_endpoint_that_does_not_answer_is_an_outage_not_the_requests_fault(head: Exception) -> None:
+    stub = StubS3(EndpointConnectionError(endpoint_url="http://127.0.0.1:1/images/k.jpg"), head=head)
+    with pytest.raises(SourceUnavailable, match="s3://images/k.jpg: the S3 endpoint does not answer"):
+        s3(stub, attempts=2).fetch("s3://images/k.jpg")
+    assert len(stub.calls) == 2 and stub.heads == ["images"]
+
+
+def test_s3_endpoint_that_answers_the_bucket_makes_a_failing_object_the_requests_fault() -> None:
+    stub = StubS3(client_error("InternalError", 500), head=client_error("AccessDenied", 403))
+    assert failure(s3(stub, attempts=2).fetch, "s3://images/k.jpg").kind is ErrorKind.FETCH
+    assert stub.heads == ["images"]
+
+
 def test_s3_recovers_after_slowdown() -> None:
     stub = StubS3(client_error("SlowDown", 503), BODY)
     assert s3(stub, attempts=3).fetch("s3://images/k.jpg") == BODY
@@ -608,7 +630,7 @@ def test_s3_too_large_while_reading(length: int | None) -> None:
 
 
 def test_s3_client_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The settings-built client (env credentials, path style) against a closed port: FETCH after tries."""
+    """The settings-built client (env credentials, path style) against a closed port: an outage after tries."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
     endpoint = f"http://127.0.0.1:{closed_port()}"
@@ -617,8 +639,9 @@ def test_s3_client_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         config = fetcher.s3.client.meta.config
         assert config.s3 == {"addressing_style": "path"} and config.retries["total_max_attempts"] == 1
-        error = failure(fetcher.fetch, "s3://images/k.jpg")
-        assert error.kind is ErrorKind.FETCH and "2 tries" in str(error) and "test-secret" not in str(error)
+        with pytest.raises(SourceUnavailable) as caught:
+            fetcher.fetch("s3://images/k.jpg")
+        assert "2 tries" in str(caught.value.__cause__) and "test-secret" not in str(caught.value)
     finally:
         fetcher.close()
 
