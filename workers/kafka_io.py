@@ -1,7 +1,15 @@
 """Kafka on both ends: the consumer-group source of requests and the dead-letter producer.
 
-kafka-python 3.0 (pinned): the consumer is used from one thread only, offsets are committed by hand,
-and the rebalance listener drains and commits before partitions move to another replica.
+kafka-python 3.0 (pinned), and who runs what:
+- the pipeline's polling thread calls `poll`, `commit`, `pause`, `resume` (the consumer is not thread-safe);
+- kafka-python's own IO thread runs the group protocol, heartbeats included, and the rebalance listener.
+  The polling thread is blocked inside `consumer.poll()` for as long as a listener runs, so the listener
+  may touch what the polling thread owns (the offset tracker, the consumer's assignment) without a race.
+- The listener is a coroutine (`AsyncConsumerRebalanceListener`): while a revocation waits for records in
+  flight to finish, it awaits short sleeps on the IO loop instead of blocking it, so heartbeats go on and
+  a slow batch during a rebalance cannot get the member evicted. The wait is bounded by the fleet's
+  `drain_timeout_s`, which settings keep below the rebalance timeout (`max_poll_interval_ms`); what is not
+  finished by then is forgotten, and the partition's next owner redoes it (once, see workers/s3_sink.py).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka import errors as KafkaErrors
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTopicPartition
@@ -77,9 +85,14 @@ class MembershipLease:
 
 
 class PartitionHooks(Protocol):
-    """What the pipeline does when partitions move (called on the polling thread, inside `poll`)."""
+    """What the pipeline does when partitions move (called on kafka-python's IO thread, from the listener,
+    while the polling thread is blocked inside `poll`). None of these block."""
 
-    def drain(self, tps: list[TopicPartition] | None = None, *, commit: bool = True) -> bool: ...
+    drain_timeout_s: float
+
+    def drain_left(self, tps: list[TopicPartition] | None = None) -> int | None:
+        """Take what finished; how many records of `tps` are still in flight (None: the pipeline failed)."""
+    def end_drain(self, *, commit: bool = True) -> bool: ...
     def forget(self, tps: list[TopicPartition]) -> None: ...
 
 
@@ -87,17 +100,19 @@ def _tp(tp: TopicPartition) -> KafkaTopicPartition:
     return KafkaTopicPartition(tp[0], tp[1])
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
+    """Coroutines on kafka-python's IO loop (see the module docstring)."""
+
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
 
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        self.source._revoked([(tp.topic, tp.partition) for tp in revoked], commit=True)
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.source._revoked([(tp.topic, tp.partition) for tp in revoked])
 
-    def on_partitions_lost(self, lost: Any) -> None:
-        self.source._revoked([(tp.topic, tp.partition) for tp in lost], commit=False)
+    async def on_partitions_lost(self, lost: Any) -> None:
+        self.source._lost([(tp.topic, tp.partition) for tp in lost])
 
-    def on_partitions_assigned(self, assigned: Any) -> None:
+    async def on_partitions_assigned(self, assigned: Any) -> None:
         self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
@@ -129,12 +144,18 @@ class KafkaSource:
             **settings.client_options,
         )
         self.lease = MembershipLease(self.consumer._coordinator.heartbeat, settings.session_timeout_ms / 1000)
+        # The listener awaits on kafka-python's loop (`sleep`) and its commit futures (`wait_for`); both are
+        # internals of the pinned version: refuse a client without them rather than block its IO thread.
+        loop, manager = getattr(self.consumer, "_net", None), getattr(self.consumer, "_manager", None)
+        if not (hasattr(loop, "sleep") and hasattr(manager, "wait_for")):
+            raise TypeError("this kafka-python has no awaitable IO loop (consumer._net.sleep): unsupported version")
+        self._loop, self._manager = loop, manager
         self.consumer.subscribe(topics=[settings.topic], listener=_Listener(self))
         self._last_lag = 0.0
-        # kafka-python 3 runs rebalance callbacks on its IO thread, where no blocking consumer call is
-        # allowed: the callbacks only drain (our threads, not the consumer's) and commit asynchronously;
-        # newly assigned partitions stay paused until the polling thread has cleaned up and seeked them.
+        # Newly assigned partitions stay paused until the polling thread has cleaned up and seeked them; the
+        # listener (IO thread) may not make blocking consumer calls, so it only commits asynchronously.
         self._in_callback = False
+        self._callback_commits: list[Any] = []
         self._recovering: set[TopicPartition] = set()
         self._paused_all = False
         self._delivered = DeliveryGuard()
@@ -181,9 +202,9 @@ class KafkaSource:
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
         kafka_offsets = {_tp(tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
         if self._in_callback:
-            # On the IO thread: queue it. Should it fail, the next owner finds our results past its
-            # committed offset when it recovers the partition, removes them and redoes them.
-            self.consumer.commit_async(kafka_offsets)
+            # On the IO thread: send it and let the listener await it. Should it fail, the next owner finds
+            # our results past its committed offset when it recovers the partition, removes and redoes them.
+            self._callback_commits.append(self.consumer.commit_async(kafka_offsets))
         else:
             self.consumer.commit(kafka_offsets)
 
@@ -203,29 +224,53 @@ class KafkaSource:
 
     # -- rebalances ---------------------------------------------------------------------------------------
 
-    def _revoked(self, tps: list[TopicPartition], *, commit: bool) -> None:
+    async def _revoked(self, tps: list[TopicPartition]) -> None:
+        """Handed over cleanly: finish what is in flight for them (bounded), commit, forget the rest."""
         self._recovering.difference_update(tps)
         self._delivered.forget(tps)
         if not tps or self.hooks is None:
             return
-        if not commit:
-            # Lost: the group has already given them to someone else, who redoes everything uncommitted;
-            # finishing our in-flight records would only write them a second time.
-            self.hooks.forget(tps)
-            log.info("partitions.lost", partitions=[p for _, p in tps])
-            return
+        started = time.monotonic()
+        deadline = started + self.hooks.drain_timeout_s
         self._in_callback = True
         try:
-            drained = self.hooks.drain(tps, commit=True)
+            while (left := self.hooks.drain_left(tps)) and time.monotonic() < deadline:
+                await self._loop.sleep(0.01)  # the IO loop runs on meanwhile: heartbeats keep us in the group
+            self.hooks.end_drain(commit=True)
+            for future in self._callback_commits:
+                try:
+                    await self._manager.wait_for(future, LOOKUP_TIMEOUT_MS)
+                except Exception as exc:  # the next owner cleans up past whatever offset did get committed
+                    log.warning("partitions.revoke_commit_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             self._in_callback = False
+            self._callback_commits.clear()
         self.hooks.forget(tps)
-        log.info("partitions.revoked", partitions=[p for _, p in tps], drained=drained)
+        waited = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.rebalances.labels(event="revoked").inc(len(tps))
+            self.metrics.rebalance_drain_seconds.observe(waited)
+        log.info("partitions.revoked", partitions=[p for _, p in tps], waited_s=round(waited, 3),
+                 abandoned=left or 0, **({"pipeline": "failed"} if left is None else {}))
+
+    def _lost(self, tps: list[TopicPartition]) -> None:
+        """Lost (evicted): the group has already given them to someone else, who redoes everything
+        uncommitted; finishing our in-flight records would only write them a second time."""
+        self._recovering.difference_update(tps)
+        self._delivered.forget(tps)
+        if not tps or self.hooks is None:
+            return
+        self.hooks.forget(tps)
+        if self.metrics is not None:
+            self.metrics.rebalances.labels(event="lost").inc(len(tps))
+        log.warning("partitions.lost", partitions=[p for _, p in tps])
 
     def _assigned(self, tps: list[TopicPartition]) -> None:
         self.lease.joined()
         if not tps:
             return
+        if self.metrics is not None:
+            self.metrics.rebalances.labels(event="assigned").inc(len(tps))
         if self.on_assigned is not None:
             self._recovering.update(tps)
             self.consumer.pause(*[_tp(tp) for tp in tps])

@@ -2,7 +2,8 @@
 
 Records finish out of order (fetches race, dead letters skip the model), but a Kafka commit says
 "everything before N is done". So per partition we keep the polled offsets in order and commit up to the
-first unfinished one. Used only from the polling thread (kafka-python's consumer is not thread-safe).
+first unfinished one. Used by the polling thread, and by the rebalance listener while that thread is blocked
+inside `poll` (see workers/kafka_io.py): never by two threads at once.
 """
 
 from __future__ import annotations

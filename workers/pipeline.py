@@ -2,10 +2,10 @@
 
 One pipeline per replica. Four kinds of thread, so that no stage waits on another:
 
-- the polling thread (the caller of `run`) owns the source: it polls, pauses and resumes partitions to
-  bound memory, and commits. It keeps polling while the model works, so a long batch never gets the
-  replica evicted from its consumer group (kafka-python's consumer is not thread-safe: only this thread
-  touches it);
+- the polling thread (the caller of `run`) owns the source and the offset tracker: it polls, pauses and
+  resumes partitions to bound memory, and commits (kafka-python's consumer is not thread-safe: only this
+  thread calls it). The Kafka source's rebalance listener runs on kafka-python's IO thread while this
+  thread is blocked inside `poll`, and drains through the non-blocking `drain_left` / `end_drain`;
 - `fetch_concurrency` worker threads parse, fetch and decode; a request that can never succeed goes to
   the dead-letter sink from here;
 - one inference thread forms batches (up to `batch_size`, waiting at most `max_batch_wait_s` for a
@@ -225,25 +225,36 @@ class StreamPipeline:
             log.debug("partitions.resumed", in_flight=in_flight)
 
     def drain(self, tps: Iterable[TopicPartition] | None = None, *, commit: bool = True) -> bool:
-        """Finish everything polled (for `tps`, or all), then commit. False if it timed out.
+        """Finish everything polled (for `tps`, or all) within `drain_timeout_s`, then commit what is done.
+        False if records were still in flight at the deadline (they stay uncommitted: redone after a restart).
 
-        Called on shutdown and from the rebalance callbacks (on the polling thread, inside `poll`).
+        Blocking: for shutdown, on the polling thread. A rebalance drains with `drain_left` and `end_drain`
+        from the Kafka listener, which must not block its loop.
         """
         wanted = list(tps) if tps is not None else None
         deadline = time.monotonic() + self.drain_timeout_s
-        self._flush.set()
-        try:
-            while True:
-                self._take_finished()
-                left = sum(self.tracker.in_flight(tp) for tp in (wanted if wanted is not None else self.tracker.partitions()))
-                if left == 0:
-                    break
-                if self._fatal is not None or time.monotonic() > deadline:
-                    log.warning("drain.timeout", left=left, timeout_s=self.drain_timeout_s)
-                    return False
-                time.sleep(0.005)
-        finally:
-            self._flush.clear()
+        while (left := self.drain_left(wanted)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if left:
+            log.warning("drain.timeout", left=left, timeout_s=self.drain_timeout_s)
+        elif left is None:
+            log.warning("drain.failed", error=repr(self._fatal))
+        committed = self.end_drain(commit=commit)
+        return left == 0 and committed
+
+    def drain_left(self, tps: Iterable[TopicPartition] | None = None) -> int | None:
+        """One non-blocking step of a drain: take what finished, and say how many records of `tps` (or of all
+        partitions) are still in flight; None if a pipeline thread failed (nothing more will finish)."""
+        self._flush.set()  # partial batches go at once
+        self._take_finished()
+        if self._fatal is not None:
+            return None
+        return sum(self.tracker.in_flight(tp) for tp in (tps if tps is not None else self.tracker.partitions()))
+
+    def end_drain(self, *, commit: bool = True) -> bool:
+        """After `drain_left`: batches wait for more images again; commit what is done."""
+        self._flush.clear()
+        self._take_finished()
         return self._commit() if commit else True
 
     def forget(self, tps: list[TopicPartition]) -> None:

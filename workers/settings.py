@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -180,6 +180,18 @@ class Settings(BaseSettings):
     def _roots_absolute(cls, fetch: FetchSettings) -> FetchSettings:
         fetch.file_roots = [p.expanduser().resolve() for p in fetch.file_roots]
         return fetch
+
+    @model_validator(mode="after")
+    def _drain_within_rebalance(self) -> Settings:
+        # A revocation waits up to drain_timeout_s for records in flight while the group waits for this
+        # member to rejoin; past the rebalance timeout (max_poll_interval_ms) the broker drops the member.
+        rebalance_s = self.kafka.max_poll_interval_ms / 1000
+        if self.fleet.drain_timeout_s > rebalance_s / 2:
+            raise ValueError(
+                f"fleet.drain_timeout_s ({self.fleet.drain_timeout_s:g}) must be at most half of kafka.max_poll_interval_ms "
+                f"({rebalance_s:g} s): a revocation drains for that long while the rest of the group waits"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
