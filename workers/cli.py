@@ -167,10 +167,11 @@ def serve(
     ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
     create_topics: Annotated[bool, typer.Option(help="Create the request and dead-letter topics if missing.")] = True,
 ) -> None:
-    """Run the streaming fleet: Kafka -> RAM++ replicas on Ray -> S3, until SIGTERM or Ctrl-C."""
-    import signal
-    import threading
+    """Run the streaming fleet: Kafka -> RAM++ replicas on Ray -> S3, until SIGTERM or Ctrl-C.
 
+    The first SIGTERM or Ctrl-C drains (finish what was polled, write, commit), stops the replicas, leaves
+    the consumer group and exits 0; a second one exits at once.
+    """
     configure_logging()
     settings = _settings(config, fleet__replicas=replicas, fleet__gpus_per_replica=gpus_per_replica, fleet__ray_address=ray_address)
     if settings.model.checkpoint is None:
@@ -178,22 +179,26 @@ def serve(
 
         _fail(f"no checkpoint configured (RAMPLUS_MODEL__CHECKPOINT or [model] checkpoint). {OFFICIAL_WEIGHTS_HELP}")
     from workers.fleet import Fleet, ensure_topics
+    from workers.shutdown import ShutdownSignals
 
+    signals = ShutdownSignals()
+    signals.install()
     if create_topics:
         try:
             ensure_topics(settings)
         except Exception as exc:
             _fail(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     fleet = Fleet(settings)
     try:
-        fleet.start()
-        typer.echo(f"serving {settings.kafka.topic} with {settings.fleet.replicas} replica(s); metrics on :{settings.fleet.metrics_port}", err=True)
-        fleet.serve_forever(stop)
+        fleet.connect()
+        signals.install()  # ray.init replaced SIGTERM's handler with one that aborts the process
+        if fleet.start(stop=signals.stop):
+            typer.echo(f"serving {settings.kafka.topic} with {settings.fleet.replicas} replica(s); metrics on :{settings.fleet.metrics_port}", err=True)
+            fleet.serve_forever(signals.stop)
     finally:
         fleet.stop()
+    if signals.received:
+        typer.echo(f"stopped on {signals.received}: drained, committed, left the group", err=True)
 
 
 @app.command()

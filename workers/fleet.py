@@ -21,6 +21,7 @@ from workers.settings import Settings
 
 log = structlog.get_logger("ramplus.fleet")
 NAMESPACE = "ramplus"
+STOP_MARGIN_S = 20.0  # on top of drain_timeout_s: closing consumers, killing actors, leaving the group
 
 
 def ensure_topics(settings: Settings, partitions: int = 4) -> None:
@@ -48,10 +49,15 @@ class Fleet:
         self.actors: list[Any] = []
         self._http: Any = None
 
-    def start(self, *, ready_timeout_s: float = 300) -> None:
-        fleet = self.settings.fleet
+    def connect(self) -> None:
+        """Join the Ray cluster (or start a local one). Note: `ray.init` replaces the process's SIGTERM handler."""
         if not ray.is_initialized():
-            ray.init(address=fleet.ray_address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
+            ray.init(address=self.settings.fleet.ray_address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
+
+    def start(self, *, ready_timeout_s: float = 300, stop: threading.Event | None = None) -> bool:
+        """Start the replicas and wait until each is ready; False if `stop` was set meanwhile."""
+        fleet = self.settings.fleet
+        self.connect()
         actor_cls = ray.remote(ReplicaActor).options(
             num_cpus=fleet.cpus_per_replica,
             num_gpus=fleet.gpus_per_replica,
@@ -61,13 +67,22 @@ class Fleet:
         )
         payload = self.settings.model_dump(mode="json")
         self.actors = [actor_cls.remote(payload, i) for i in range(fleet.replicas)]
-        ray.get([a.ready.remote() for a in self.actors], timeout=ready_timeout_s)
+        waiting = [a.ready.remote() for a in self.actors]
+        deadline = time.monotonic() + ready_timeout_s
+        while waiting:  # in short waits, so that a stop request is not held up by a slow model load
+            if stop is not None and stop.is_set():
+                return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(waiting)} replica(s) not ready after {ready_timeout_s:g} s")
+            done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
+            ray.get(done)  # a replica that failed to start raises here
         log.info("fleet.ready", replicas=fleet.replicas, gpus_per_replica=fleet.gpus_per_replica, topic=self.settings.kafka.topic)
         if fleet.metrics_port:
             registry = CollectorRegistry()
             registry.register(FleetCollector(self.scrape_metrics))
             self._http = start_http_server(fleet.metrics_port, addr=fleet.metrics_host, registry=registry)
             log.info("fleet.metrics", port=fleet.metrics_port)
+        return True
 
     def scrape_metrics(self, timeout_s: float = 5.0) -> dict[str, bytes]:
         refs = {str(i): a.metrics.remote() for i, a in enumerate(self.actors)}
@@ -99,25 +114,55 @@ class Fleet:
                      alive=sum(1 for s in stats if s.get("alive")), replicas=len(stats))
 
     def stop(self) -> list[dict[str, Any]]:
-        """Drain every replica (finish, write, commit), then remove them."""
-        timeout = self.settings.fleet.drain_timeout_s + 30
+        """Drain every replica (finish, write, commit, close its consumer), remove them, leave the group.
+
+        Bounded: replicas drain in parallel for at most `drain_timeout_s`, and the whole stop takes at most
+        `drain_timeout_s + STOP_MARGIN_S`, within the k8s manifest's termination grace period. A replica
+        that does not answer in time is killed; what it had not committed is redone by the next owner.
+        """
+        deadline = time.monotonic() + self.settings.fleet.drain_timeout_s + STOP_MARGIN_S
         refs = [a.stop.remote() for a in self.actors]
         results: list[dict[str, Any]] = []
         for ref in refs:
             try:
-                results.append(ray.get(ref, timeout=timeout))
+                results.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
             except Exception as exc:
                 log.warning("fleet.stop_failed", error=f"{type(exc).__name__}: {exc}")
         for a in self.actors:
-            ray.kill(a, no_restart=True)
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception as exc:  # already gone
+                log.debug("fleet.kill_failed", error=str(exc))
+        stopped = len(self.actors)
         self.actors = []
         if self._http is not None:
             server, thread = self._http
             server.shutdown()
             thread.join(timeout=5)
             self._http = None
-        log.info("fleet.stopped", tagged=sum(r.get("tagged", 0) for r in results))
+        if stopped and self.settings.kafka.static_membership:
+            leave_group(self.settings, stopped)
+        log.info("fleet.stopped", tagged=sum(r.get("tagged", 0) for r in results), drained=len(results), replicas=stopped)
         return results
+
+
+def leave_group(settings: Settings, replicas: int) -> None:
+    """Static members never leave on close (so that a restarted replica takes its partitions back at once):
+    when the whole fleet stops, remove them, so that the group reassigns their partitions now rather than
+    a session timeout later (other consumers of the group, a smaller fleet starting next)."""
+    from kafka.admin import KafkaAdminClient, MemberToRemove
+
+    k = settings.kafka
+    instances = [f"{k.group_id}-replica-{i}" for i in range(replicas)]
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=k.bootstrap_servers.split(","), request_timeout_ms=5_000, **k.client_options)
+        try:
+            answers = admin.remove_group_members(k.group_id, [MemberToRemove(group_instance_id=i) for i in instances])
+        finally:
+            admin.close()
+        log.info("fleet.left_group", group=k.group_id, members={m: e.__name__ for m, e in answers.items()})
+    except Exception as exc:  # the broker away: the members expire after session_timeout_ms anyway
+        log.warning("fleet.leave_group_failed", group=k.group_id, error=f"{type(exc).__name__}: {exc}")
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:  # noqa: ANN001

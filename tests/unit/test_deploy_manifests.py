@@ -168,3 +168,16 @@ def test_the_dashboard_graphs_only_metrics_the_fleet_exports():
     used = {re.sub(r"_(total|bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ramplus_[a-z_]+", e)}
     assert used and used <= exported, used - exported
     assert {"ramplus_images_tagged", "ramplus_dead_letters", "ramplus_end_to_end_seconds", "ramplus_partition_lag"} <= used
+
+
+def test_the_fleet_has_time_to_drain_before_kubernetes_kills_it(monkeypatch):
+    """SIGTERM drains for up to drain_timeout_s, then stops replicas and leaves the group (STOP_MARGIN_S);
+    kubelet sends SIGKILL terminationGracePeriodSeconds after SIGTERM."""
+    from workers.fleet import STOP_MARGIN_S
+
+    (config,) = [d for d in by_kind("ConfigMap") if d["metadata"]["name"] == "ramplus-settings"]
+    (fleet,) = by_kind("Deployment")
+    pod = fleet["spec"]["template"]["spec"]
+    env = dict(config["data"]) | {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    settings = _env_settings(env, monkeypatch)
+    assert pod["terminationGracePeriodSeconds"] >= settings.fleet.drain_timeout_s + STOP_MARGIN_S + 10
