@@ -106,7 +106,8 @@ def hostile_cases(bucket: str, origin: str, near_limit: int) -> dict[str, tuple[
     deep = b'{"id": "deep-meta", "uri": "' + s3.encode() + b'/images/0000.jpg", "meta": {"a": ' + b"[" * 900 + b"]" * 900 + b"}}"
     cases: dict[str, tuple[bytes | None, str, bytes | None]] = {
         # the bytes themselves
-        "nul-megabyte": (b"\x00" * 1_000_000, "malformed", None),
+        "nul-megabyte": (b"\x00" * 1_000_000, "too_large", None),
+        "nul-250k": (b"\x00" * 250_000, "malformed", None),  # the old envelope: 1.5 MB, over the limit
         "at-the-broker-limit": (req("big", f"{s3}/images/0000.jpg", meta={"pad": "x" * near_limit}), "too_large", None),
         "just-over-the-request-limit": (req("big2", f"{s3}/images/0000.jpg", meta={"pad": "y" * 262_144}), "too_large", None),
         "invalid-utf8": (b'{"id": "\xff\xfe", "uri": "s3://x/y"}', "malformed", None),
