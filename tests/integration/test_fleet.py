@@ -154,3 +154,34 @@ def test_a_replica_frozen_past_its_session_writes_nothing_its_successor_redoes(
     # them once it learnt the partitions were gone (which comes first depends on its threads' wake-up order)
     noticed = {k: metrics.get(k, 0) for k in ("ramplus_ownership_lapses_total", "ramplus_stale_results_dropped_total")}
     assert sum(noticed.values()) >= 1, noticed
+
+
+def test_the_fleet_waits_out_an_s3_outage_losing_duplicating_and_dead_lettering_nothing(
+    stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket
+):
+    """S3 away for 20 s mid-stream (s3proxy stopped; it comes back with its data): fetches and writes wait."""
+    topic, dlq = make_topics(stack.kafka_bootstrap, f"s3out-{uuid.uuid4().hex[:8]}")
+    keys = upload_images(s3_client, s3_bucket, 20)
+    ids = [f"s{i:04d}" for i in range(800)]
+    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{s3_bucket}/{keys[n % 20]}") for n, i in enumerate(ids)])
+    port = free_port()
+    fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64, metrics_port=port))
+    fleet.start()
+    try:
+        assert wait_until(lambda: len(result_ids(s3_client, s3_bucket)) >= 100, 120)
+        stack.stop("s3")
+        try:
+            time.sleep(20)
+        finally:
+            stack.start("s3")
+        seen = wait_for_ids(s3_client, s3_bucket, set(ids), timeout_s=300)
+        assert wait_until(lambda: committed_reaches_end(stack.kafka_bootstrap, f"g-{topic}", topic), 120)
+        seen = result_ids(s3_client, s3_bucket)
+        metrics = scrape(port)
+    finally:
+        fleet.stop()
+    assert set(seen) == set(ids), f"missing {sorted(set(ids) - set(seen))[:5]}"
+    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+    assert dead_letters(stack.kafka_bootstrap, dlq, expected=1, timeout_s=5) == []
+    # the outage was seen (fetches or writes waited), not slept through
+    assert metrics.get("ramplus_errors_total", 0) >= 1, {k: v for k, v in metrics.items() if "error" in k}
