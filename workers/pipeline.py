@@ -454,6 +454,9 @@ class StreamPipeline:
                 stale = sum(1 for prepared, _ in rows if prepared.epoch != current)
                 if stale:
                     self.metrics.stale_dropped.inc(stale)
+                    for prepared, _ in rows:
+                        if prepared.epoch != current and self._stage.get((tp, prepared.record.offset)) == "write":
+                            self._stage.pop((tp, prepared.record.offset), None)
                     rows = [r for r in rows if r[0].epoch == current]
                 if not rows:
                     return rows
