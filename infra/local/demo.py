@@ -362,14 +362,14 @@ def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 3
 
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
                              group_id=None, consumer_timeout_ms=2000)
-    out: list[dict[str, Any]] = []
+    out: dict[str, dict[str, Any]] = {}  # by letter_id: the topic is at-least-once, a restart may repeat a letter
     deadline = time.monotonic() + timeout_s
     try:
         while len(out) < expected and time.monotonic() < deadline:
-            out.extend(json.loads(m.value) for m in consumer)
+            out.update((letter["letter_id"], letter) for letter in (json.loads(m.value) for m in consumer))
     finally:
         consumer.close()
-    return out
+    return list(out.values())
 
 
 def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) -> bool:
