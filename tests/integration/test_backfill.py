@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from helpers import jpeg_bytes, random_images
-from integration.test_fleet import fleet_settings, make_topics, publish, wait_until
+from fleet_kit import fleet_settings, make_topics, publish, wait_until
 from integration.test_hot_swap import all_results, make_vocab
 from workers.backfill import run_backfill
 from workers.fleet import Fleet

@@ -14,7 +14,7 @@ from kafka import KafkaProducer
 
 from helpers import jpeg_bytes, random_images
 from ramplus_core import Vocabulary, load_checkpoint
-from integration.test_fleet import PARTITIONS, dead_letters, fleet_settings, make_topics, publish, request, wait_until
+from fleet_kit import PARTITIONS, dead_letters, fleet_settings, make_topics, publish, request, wait_until
 from workers.engine import TaggingEngine
 from workers.fleet import Fleet
 from workers.vocab_store import VocabStore

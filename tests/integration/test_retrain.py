@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from integration.test_fleet import fleet_settings, make_topics, publish, request, wait_until
+from fleet_kit import fleet_settings, make_topics, publish, request, wait_until
 from ramplus_core import Vocabulary, load_checkpoint
 from ramplus_core.synthetic import TAGS, describe_tags
 from ramplus_core.text_encoder import TextEncoder
