@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workers.errors import ErrorKind, InputError
+from workers.errors import ErrorKind, InputError, SourceUnavailable
 from workers.fetchers import UriFetcher
 from workers.settings import FetchSettings, S3Settings
 
@@ -99,7 +99,8 @@ def test_wrong_credentials_forbidden(stack, s3_bucket: str, s3_client: Any, monk
     assert error.kind is ErrorKind.FORBIDDEN and "wrong-secret" not in str(error)
 
 
-def test_unreachable_endpoint_is_fetch(aws_env, s3_bucket: str) -> None:
+def test_an_endpoint_that_does_not_answer_is_an_outage_not_the_requests_fault(aws_env, s3_bucket: str) -> None:
+    """The fleet's own S3 endpoint away: the pipeline waits it out (SourceUnavailable), it dead-letters nothing."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -109,7 +110,10 @@ def test_unreachable_endpoint_is_fetch(aws_env, s3_bucket: str) -> None:
         retry_wait_s=0.05,
     )
     try:
-        error = failure(fetcher, f"s3://{s3_bucket}/a.jpg")
+        with pytest.raises(SourceUnavailable) as info:
+            fetcher.fetch(f"s3://{s3_bucket}/a.jpg")
     finally:
         fetcher.close()
-    assert error.kind is ErrorKind.FETCH and "2 tries" in str(error) and f"s3://{s3_bucket}/a.jpg" in str(error)
+    assert f"s3://{s3_bucket}/a.jpg: the S3 endpoint does not answer" in str(info.value)
+    tried = info.value.__cause__  # what it would have been dead-lettered as, had the endpoint answered
+    assert isinstance(tried, InputError) and tried.kind is ErrorKind.FETCH and "2 tries" in str(tried)
