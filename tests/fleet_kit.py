@@ -22,10 +22,11 @@ from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelS
 PARTITIONS = 4
 
 
-def make_topics(bootstrap: str, name: str) -> tuple[str, str]:
+def make_topics(bootstrap: str, name: str, configs: dict[str, str] | None = None) -> tuple[str, str]:
+    """The request topic (PARTITIONS, with topic `configs`) and its dead-letter topic."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        admin.create_topics([NewTopic(name, PARTITIONS, 1), NewTopic(name + ".dlq", 1, 1)])
+        admin.create_topics([NewTopic(name, PARTITIONS, 1, topic_configs=configs or {}), NewTopic(name + ".dlq", 1, 1)])
     finally:
         admin.close()
     return name, name + ".dlq"

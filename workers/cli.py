@@ -178,8 +178,15 @@ def serve(
         from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
 
         _fail(f"no checkpoint configured (RAMPLUS_MODEL__CHECKPOINT or [model] checkpoint). {OFFICIAL_WEIGHTS_HELP}")
-    from workers.fleet import Fleet, ensure_topics
+    from workers.errors import CodecUnavailable
+    from workers.fleet import Fleet, ReplicaStartFailed, ensure_topics
+    from workers.kafka_codecs import check_codecs
     from workers.shutdown import ShutdownSignals
+
+    try:  # here first, so that a missing codec package is one line and not a replica failing to start
+        check_codecs()
+    except CodecUnavailable as exc:
+        _fail(str(exc))
 
     signals = ShutdownSignals()
     signals.install()
@@ -188,15 +195,21 @@ def serve(
             ensure_topics(settings)
         except Exception as exc:
             _fail(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}")
-    fleet = Fleet(settings)
+    fleet, failed = Fleet(settings), ""
     try:
         fleet.connect()
         signals.install()  # ray.init replaced SIGTERM's handler with one that aborts the process
-        if fleet.start(stop=signals.stop):
+        try:
+            started = fleet.start(stop=signals.stop)
+        except ReplicaStartFailed as exc:
+            failed, started = str(exc), False
+        if started:
             typer.echo(f"serving {settings.kafka.topic} with {settings.fleet.replicas} replica(s); metrics on :{settings.fleet.metrics_port}", err=True)
             fleet.serve_forever(signals.stop)
     finally:
         fleet.stop()
+    if failed:
+        _fail(failed)
     if signals.received:
         typer.echo(f"stopped on {signals.received}: drained, committed, left the group", err=True)
 

@@ -45,3 +45,8 @@ class SourceUnavailable(RamPlusError):
 class DeadLetterRefused(RamPlusError):
     """The dead-letter topic refused a letter even cut down to its minimum (reason, position, digest): sending
     it again can never succeed. The record is skipped: committed, logged and counted, not retried for ever."""
+
+
+class CodecUnavailable(RamPlusError):
+    """kafka-python here cannot decode one of Kafka's compression codecs: a replica refuses to start (it
+    would stop at the first batch in that codec); the message names the package to install."""

@@ -7,6 +7,7 @@ consumer group, and the group rebalances; offsets not committed are redone (see 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -22,6 +23,21 @@ from workers.settings import Settings
 log = structlog.get_logger("ramplus.fleet")
 NAMESPACE = "ramplus"
 STOP_MARGIN_S = 20.0  # on top of drain_timeout_s: closing consumers, killing actors, leaving the group
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.MULTILINE)
+
+
+class ReplicaStartFailed(RuntimeError):
+    """A replica's constructor raised (Ray does not restart those): the fleet cannot serve as configured."""
+
+
+def start_failure(exc: BaseException) -> str:
+    """The one line that says why a replica's constructor raised, out of Ray's traceback-laden message."""
+    text = str(exc)
+    found = _EXCEPTION_LINE.findall(text)
+    if not found:
+        return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    name, message = found[-1]
+    return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"
 
 
 def ensure_topics(settings: Settings, partitions: int = 4) -> None:
@@ -75,7 +91,12 @@ class Fleet:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(waiting)} replica(s) not ready after {ready_timeout_s:g} s")
             done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
-            ray.get(done)  # a replica that failed to start raises here
+            try:
+                ray.get(done)  # a replica that failed to start raises here
+            except ray.exceptions.RayActorError as exc:
+                if not getattr(exc, "actor_init_failed", False):
+                    raise
+                raise ReplicaStartFailed(f"a replica failed to start: {start_failure(exc)}") from exc
         log.info("fleet.ready", replicas=fleet.replicas, gpus_per_replica=fleet.gpus_per_replica, topic=self.settings.kafka.topic)
         if fleet.metrics_port:
             registry = CollectorRegistry()
@@ -111,7 +132,11 @@ class Fleet:
             stats = self.stats()
             log.info("fleet.stats", tagged=sum(s.get("tagged", 0) for s in stats),
                      dead_letters=sum(s.get("dead_letters", 0) for s in stats),
-                     alive=sum(1 for s in stats if s.get("alive")), replicas=len(stats))
+                     alive=sum(1 for s in stats if s.get("alive")), replicas=len(stats),
+                     not_ready=sum(1 for s in stats if s.get("alive") and not s.get("ready", True)))
+            for s in stats:
+                for u in s.get("undecodable", []):
+                    log.warning("fleet.partition_undecodable", replica=s.get("replica"), **u)
 
     def stop(self) -> list[dict[str, Any]]:
         """Drain every replica (finish, write, commit, close its consumer), remove them, leave the group.

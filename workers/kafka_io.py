@@ -14,8 +14,11 @@ kafka-python 3.0 (pinned), and who runs what:
 
 from __future__ import annotations
 
+import re
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -116,6 +119,33 @@ class _Listener(AsyncConsumerRebalanceListener):
         self.source._assigned([(tp.topic, tp.partition) for tp in assigned])
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A partition paused at a batch the client cannot decode: where, and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    cause: str
+
+
+# Where kafka-python turns fetched bytes into records: an exception raised through these is about the data of
+# one partition (a codec it cannot run, a corrupt or unreadable batch), not about the consumer or the cluster.
+_DECODING_FILES = ("kafka/record/", "kafka/codec.py")
+_DECODING_FUNCTIONS = {"_unpack_records", "_parse_fetched_data", "take"}
+_NAMED_PARTITION = re.compile(r"TopicPartition\(topic='([^']*)', partition=(\d+)\)\W+(\d+)")
+
+
+def is_decoding_error(exc: BaseException) -> bool:
+    for frame in traceback.extract_tb(exc.__traceback__):
+        name = frame.filename.replace("\\", "/")
+        if any(part in name for part in _DECODING_FILES) or (
+            name.endswith("kafka/consumer/fetcher.py") and frame.name in _DECODING_FUNCTIONS
+        ):
+            return True
+    return False
+
+
 class KafkaSource:
     """A consumer-group member over one topic. `hooks` and `on_assigned` are set by whoever runs it."""
 
@@ -159,11 +189,17 @@ class KafkaSource:
         self._recovering: set[TopicPartition] = set()
         self._paused_all = False
         self._delivered = DeliveryGuard()
+        self._undecodable: dict[TopicPartition, Undecodable] = {}
 
     # -- the Source protocol ------------------------------------------------------------------------------
 
     def poll(self, timeout_s: float) -> list[Record]:
-        batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        try:
+            batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        except Exception as exc:
+            if not self._set_aside(exc):
+                raise
+            return []
         records: list[Record] = []
         for ktp in sorted(batches, key=lambda t: (t.topic, t.partition)):
             tp = (ktp.topic, ktp.partition)
@@ -186,6 +222,62 @@ class KafkaSource:
         if self.metrics is not None:
             self.metrics.replayed_skipped.inc()
         log.warning("record.replayed_by_client", partition=tp[1], offset=offset, detail="already taken: not redone")
+
+    def undecodable(self) -> list[Undecodable]:
+        return list(self._undecodable.values())
+
+    def _set_aside(self, exc: Exception) -> bool:
+        """A batch the client cannot decode: pause its partition (and only it) and say so, instead of failing.
+
+        kafka-python raises such an error out of `poll()` every time it reaches that batch, so letting it
+        through would stop every partition this member owns (and a restarted replica fetches the same batch
+        again). Its committed offset stays before the batch: nothing is lost, and nothing after it is read
+        until an operator acts (README, "A partition paused as undecodable"). False when `exc` is not one.
+        """
+        if not is_decoding_error(exc):
+            return False
+        where = self._failing_partition(exc)
+        if where is None:
+            return False
+        ktp, offset = where
+        tp = (ktp.topic, ktp.partition)
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        self.consumer.pause(ktp)
+        self._undecodable[tp] = Undecodable(ktp.topic, ktp.partition, offset, cause)
+        if self.metrics is not None:
+            self.metrics.undecodable.labels(topic=ktp.topic, partition=str(ktp.partition), offset=str(offset)).set(1)
+            self.metrics.ready.set(0)
+        log.error("partition.undecodable", topic=ktp.topic, partition=ktp.partition, offset=offset, cause=cause,
+                  detail="this partition is paused here; the others go on")
+        return True
+
+    def _failing_partition(self, exc: Exception) -> tuple[KafkaTopicPartition, int] | None:
+        fetcher = getattr(self.consumer, "_fetcher", None)
+        current = getattr(fetcher, "_next_partition_records", None)
+        if current:
+            # The records being read when it failed. Their iterator is dead now: drained, so that the client
+            # does not spin on it should the partition ever be resumed (it refetches and fails again instead).
+            ktp, offset = current.topic_partition, current.next_fetch_offset
+            current.drain()
+            return ktp, offset
+        for arg in exc.args[1:]:  # RecordTooLargeError(message, {tp: offset})
+            if isinstance(arg, dict) and len(arg) == 1:
+                ktp, offset = next(iter(arg.items()))
+                if isinstance(ktp, KafkaTopicPartition) and isinstance(offset, int):
+                    return ktp, offset
+        named = _NAMED_PARTITION.search(str(exc))  # "Failed to make progress reading messages at TopicPartition(...)=N"
+        if named is not None:
+            return KafkaTopicPartition(named.group(1), int(named.group(2))), int(named.group(3))
+        return None
+
+    def _release(self, tps: list[TopicPartition]) -> None:
+        """Partitions no longer ours: whoever owns them next meets the batch (and sets it aside) for itself."""
+        for tp in tps:
+            gone = self._undecodable.pop(tp, None)
+            if gone is not None and self.metrics is not None:
+                self.metrics.undecodable.remove(gone.topic, str(gone.partition), str(gone.offset))
+        if self.metrics is not None and not self._undecodable:
+            self.metrics.ready.set(1)
 
     def write_allowed(self) -> bool:
         valid, changed = self.lease.check()
@@ -214,7 +306,7 @@ class KafkaSource:
 
     def resume(self, tps: list[TopicPartition]) -> None:
         self._paused_all = False
-        self.consumer.resume(*[_tp(tp) for tp in tps if tp not in self._recovering])
+        self.consumer.resume(*[_tp(tp) for tp in tps if tp not in self._recovering and tp not in self._undecodable])
 
     def assignment(self) -> list[TopicPartition]:
         return [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
@@ -227,6 +319,7 @@ class KafkaSource:
     async def _revoked(self, tps: list[TopicPartition]) -> None:
         """Handed over cleanly: finish what is in flight for them (bounded), commit, forget the rest."""
         self._recovering.difference_update(tps)
+        self._release(tps)
         self._delivered.forget(tps)
         if not tps or self.hooks is None:
             return
@@ -257,6 +350,7 @@ class KafkaSource:
         """Lost (evicted): the group has already given them to someone else, who redoes everything
         uncommitted; finishing our in-flight records would only write them a second time."""
         self._recovering.difference_update(tps)
+        self._release(tps)
         self._delivered.forget(tps)
         if not tps or self.hooks is None:
             return
@@ -293,7 +387,7 @@ class KafkaSource:
             self.consumer.seek(_tp(tp), start)  # explicit: the same offset the cleanup assumed
             self._delivered.reset(tp, start)
             self._recovering.discard(tp)
-            if not self._paused_all:
+            if not self._paused_all and tp not in self._undecodable:
                 self.consumer.resume(_tp(tp))
 
     def _update_lag(self) -> None:

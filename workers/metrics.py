@@ -64,6 +64,16 @@ class ReplicaMetrics:
         self.ownership_lapses = Counter(
             "ramplus_ownership_lapses", "Times writes were held: group membership not confirmed recently", registry=r,
         )
+        self.undecodable = Gauge(
+            "ramplus_partition_undecodable",
+            "1 while a partition is paused at a batch the Kafka client cannot decode (its offset is the label)",
+            ["topic", "partition", "offset"], registry=r,
+        )
+        self.ready = Gauge(
+            "ramplus_replica_ready", "1 while the replica serves every partition it owns; 0 while one is paused undecodable",
+            registry=r,
+        )
+        self.ready.set(1)
         self.lag = Gauge("ramplus_partition_lag", "Records behind the end of the partition", ["topic", "partition"], registry=r)
         self.vocab_switches = Counter("ramplus_vocab_switches", "Vocabulary versions switched to", registry=r)
         self.vocab_switch_seconds = Histogram(

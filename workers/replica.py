@@ -7,6 +7,7 @@ constructor runs again) it rejoins the group and carries on with no one calling 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from redis.retry import Retry
 from ramplus_core import RamPlus, Vocabulary, load_checkpoint
 from workers.engine import TaggingEngine
 from workers.fetchers import UriFetcher
+from workers.kafka_codecs import check_codecs
 from workers.kafka_io import KafkaDeadLetters, KafkaSource
 from workers.metrics import ReplicaMetrics
 from workers.pipeline import StreamPipeline
@@ -48,6 +50,8 @@ def load_model(settings: Settings) -> RamPlus:
 
 class Replica:
     def __init__(self, settings: Settings, index: int = 0, *, model: RamPlus | None = None) -> None:
+        # Before anything slow: a replica that cannot decode a codec would stop at its first batch in it.
+        check_codecs()
         self.settings = settings
         self.index = index
         self.name = f"{socket.gethostname()}/replica-{index}/{os.getpid()}"
@@ -130,9 +134,12 @@ class Replica:
         self.log.info("replica.stopped", **self.pipeline.stats)
 
     def stats(self) -> dict[str, Any]:
+        undecodable = self.source.undecodable()
         return {
             "replica": self.index, "name": self.name, "vocab": self.engine.vocabulary.ref, "cached_vocabs": self.engine.cache.refs(),
             "in_flight": self.pipeline.tracker.in_flight(), **self.pipeline.stats,
+            # Not ready: a partition it owns is paused at a batch it cannot decode (README, "undecodable").
+            "ready": not undecodable, "undecodable": [dataclasses.asdict(u) for u in undecodable],
         }
 
 

@@ -68,6 +68,13 @@ def test_images_pin_their_base_torch_and_ray_and_run_as_a_user(dockerfile):
     assert "cu1" in text if "gpu" in dockerfile.name else "whl/cpu" in text
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_fail_to_build_without_every_kafka_codec(dockerfile):
+    """The codecs come from pyproject's kafka-python extras; the build proves the installed image reads them."""
+    install = next(line for line in dockerfile.read_text().split("RUN ") if '"ray[default,train,data]' in line)
+    assert " . " in install and "check_codecs()" in install
+
+
 def test_compose_file_loads_like_docker_compose_config(composecheck):
     done = subprocess.run([composecheck, str(DOCKER / "compose.yaml")], capture_output=True, text=True, timeout=60, cwd=DOCKER)
     assert done.returncode == 0, done.stderr
