@@ -127,3 +127,30 @@ def test_a_replica_that_fails_to_start_is_reported_in_one_line():
         "install 'lz4' (pip install 'kafka-python[lz4]')"
     )
     assert start_failure(RuntimeError("")) == "RuntimeError"
+
+
+def test_the_fleets_periodic_report_counts_replicas_not_ready_and_names_their_paused_partitions(monkeypatch):
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from workers.fleet import Fleet
+
+    stop = threading.Event()
+    paused = {"topic": "requests", "partition": 2, "offset": 6, "cause": "UnsupportedCodecError: lz4"}
+    stats = [
+        {"replica": 0, "alive": True, "ready": True, "undecodable": [], "tagged": 5},
+        {"replica": 1, "alive": True, "ready": False, "undecodable": [paused], "tagged": 3},
+    ]
+
+    def once(self, timeout_s: float = 10.0) -> list[dict]:  # noqa: ANN001
+        stop.set()
+        return stats
+
+    monkeypatch.setattr(Fleet, "stats", once)
+    with capture_logs() as logs:
+        Fleet.__new__(Fleet).serve_forever(stop, report_every_s=0.01)
+    [report] = [e for e in logs if e["event"] == "fleet.stats"]
+    assert (report["not_ready"], report["alive"], report["tagged"]) == (1, 2, 8)
+    [line] = [e for e in logs if e["event"] == "fleet.partition_undecodable"]
+    assert line["replica"] == 1 and (line["partition"], line["offset"]) == (2, 6)
