@@ -43,7 +43,7 @@ def main() -> None:
     import ray
     from botocore.config import Config
 
-    from workers.backfill import run_backfill
+    from workers.backfill.run import run_backfill
     from workers.settings import BackfillSettings, FetchSettings, ModelSettings, S3Settings, Settings
 
     stack = load_stack()

@@ -61,7 +61,7 @@ def make_model_dir(config: str, directory: Path) -> Path:
 
 def bare_loop(model_dir: Path, jpegs: list[bytes], batch_size: int, threads: int) -> float:
     from ramplus_core import load_checkpoint
-    from workers.engine import TaggingEngine
+    from workers.stream.engine import TaggingEngine
 
     torch.set_num_threads(threads)
     engine = TaggingEngine(load_checkpoint(model_dir), device="cpu")
@@ -88,7 +88,7 @@ def main() -> None:
     from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from workers.fleet import Fleet, wait_until
+    from workers.stream.fleet import Fleet, wait_until
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
 
     stack = load_stack()

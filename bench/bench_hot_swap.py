@@ -62,9 +62,9 @@ def main() -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from ramplus_core import Vocabulary, create_model, save_pretrained
-    from workers.fleet import Fleet, wait_until
+    from workers.stream.fleet import Fleet, wait_until
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
-    from workers.vocab_store import VocabStore
+    from workers.vocab.store import VocabStore
 
     stack = load_stack()
     cfg = stack.StackConfig.from_env()

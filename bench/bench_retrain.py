@@ -35,9 +35,9 @@ def main() -> None:
     from ramplus_core import Vocabulary
     from ramplus_core.synthetic import TAGS, describe_tags
     from ramplus_core.text_encoder import TextEncoder
-    from workers.retrain import run
+    from workers.train.retrain import run
     from workers.settings import Settings
-    from workers.synth_data import write_dataset
+    from workers.train.synth_data import write_dataset
 
     out = ROOT / "bench" / "out" / "retrain"
     data = out / f"synth-{args.images}"

@@ -42,7 +42,7 @@ def main() -> None:
     stack.up(cfg, ["redis"])
 
     from ramplus_core import Vocabulary
-    from workers.vocab_store import VocabStore
+    from workers.vocab.store import VocabStore
 
     client = redis.Redis.from_url(stack.env(cfg)["RAMPLUS_REDIS__URL"])
     store = VocabStore(client)

@@ -37,7 +37,7 @@ def main(
 ) -> None:
     from pydantic import ValidationError
 
-    from workers.backfill import BackfillInterrupted, run_backfill
+    from workers.backfill.run import BackfillInterrupted, run_backfill
     from workers.logs import configure_logging
     from workers.settings import Settings
 

@@ -21,7 +21,7 @@ def main(
     version: Annotated[Optional[str], typer.Option(help="Artifact version (default: a UTC timestamp).")] = None,
 ) -> None:
     from workers.logs import configure_logging
-    from workers.retrain import run
+    from workers.train.retrain import run
     from workers.settings import Settings
 
     configure_logging()

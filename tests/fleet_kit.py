@@ -16,7 +16,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.structs import TopicPartition
 
 from helpers import jpeg_bytes, random_images
-from workers.fleet import wait_until
+from workers.stream.fleet import wait_until
 from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
 
 PARTITIONS = 4

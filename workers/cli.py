@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import typer
 
 from workers.logs import configure_logging
-from workers.producer import IMAGE_SUFFIXES
+from workers.stream.producer import IMAGE_SUFFIXES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="RAM++ open-set image tagging.")
 weights_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: fetch and verify.")
@@ -20,7 +20,7 @@ app.add_typer(weights_app, name="weights")
 
 
 def _vocab_app() -> typer.Typer:
-    from workers.vocab_cli import app as vocab_app
+    from workers.vocab.cli import app as vocab_app
 
     return vocab_app
 
@@ -29,7 +29,7 @@ app.add_typer(_vocab_app(), name="vocab")
 
 
 def _data_app() -> typer.Typer:
-    from workers.data_cli import app as data_app
+    from workers.train.data_cli import app as data_app
 
     return data_app
 
@@ -94,7 +94,7 @@ def tag(
     if not paths:
         _fail("no images found in " + ", ".join(inputs))
     try:
-        from workers.artifacts import ArtifactError, resolve_checkpoint
+        from workers.train.artifacts import ArtifactError, resolve_checkpoint
         from workers.settings import Settings
 
         try:
@@ -179,9 +179,9 @@ def serve(
 
         _fail(f"no checkpoint configured (RAMPLUS_MODEL__CHECKPOINT or [model] checkpoint). {OFFICIAL_WEIGHTS_HELP}")
     from workers.errors import CodecUnavailable
-    from workers.fleet import Fleet, ReplicaStartFailed, ensure_topics
-    from workers.kafka_codecs import check_codecs
-    from workers.shutdown import ShutdownSignals
+    from workers.stream.fleet import Fleet, ReplicaStartFailed, ensure_topics
+    from workers.stream.kafka_codecs import check_codecs
+    from workers.stream.shutdown import ShutdownSignals
 
     try:  # here first, so that a missing codec package is one line and not a replica failing to start
         check_codecs()
@@ -224,12 +224,12 @@ def produce(
 ) -> None:
     """Publish one tag request per image URI to the topic; prints how many."""
     configure_logging(level="WARNING")
-    from workers.producer import iter_uris, make_producer, publish
+    from workers.stream.producer import iter_uris, make_producer, publish
 
     settings = _settings(config, kafka__topic=topic)
     s3 = None
     if any(i.startswith("s3://") for i in inputs):
-        from workers.s3_sink import s3_client
+        from workers.stream.s3_sink import s3_client
 
         s3 = s3_client(settings.s3)
     try:
@@ -264,7 +264,7 @@ def settings_cmd(
 @app.command()
 def samples(directory: Annotated[Path, typer.Argument(help="Where to write the JPEGs.")] = Path("var/photos")) -> None:
     """Write the real photos that ship with scikit-image (a cat, coffee, a rocket, ...) as JPEGs."""
-    from workers.samples import sample_photos
+    from workers.io.samples import sample_photos
 
     try:
         photos = sample_photos()

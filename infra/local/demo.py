@@ -175,7 +175,7 @@ def start_stack(stack: ModuleType, config: Any) -> list[str]:
 
 
 def s3_client(settings: Any) -> Any:
-    from workers.s3_sink import s3_client as make
+    from workers.stream.s3_sink import s3_client as make
 
     return make(settings.s3)
 
@@ -195,7 +195,7 @@ def exists(client: Any, key: str) -> bool:
 
 def write_photos(client: Any, prefix: str) -> dict[str, bytes]:
     """scikit-image's bundled photos as JPEGs in S3; returns {uri: bytes}."""
-    from workers.samples import sample_photos
+    from workers.io.samples import sample_photos
 
     out = {}
     for name, data in sample_photos(quality=90).items():
@@ -221,7 +221,7 @@ def train_or_reuse(
     settings: Any, client: Any, recipe: Recipe, work: Path, dashboard: str, *, retrain: bool = False
 ) -> tuple[str, dict[str, Any], bool]:
     """The artifact URI, its final metrics, and whether it was trained now (False: reused)."""
-    from workers.synth_data import write_dataset
+    from workers.train.synth_data import write_dataset
 
     run_name = f"synth-{recipe.model_key()}"
     artifact = f"s3://{BUCKET}/models/{run_name}/v1"
@@ -323,7 +323,7 @@ def delete_prefix(client: Any, prefix: str) -> None:
 
 def artifact_metrics(artifact: str, settings: Any) -> dict[str, Any]:
     """metrics.json of a published model: `final` (calibrated thresholds, held-out split) and `history`."""
-    from workers.artifacts import fetch_artifact
+    from workers.train.artifacts import fetch_artifact
 
     return json.loads((fetch_artifact(artifact, settings.s3) / "metrics.json").read_text())
 
@@ -333,7 +333,7 @@ def publish_vocabularies(redis_url: str, artifact_vocab: Any) -> tuple[str, str]
     import redis
 
     from ramplus_core.synthetic import TAG_GROUPS
-    from workers.vocab_store import VocabStore
+    from workers.vocab.store import VocabStore
 
     store = VocabStore(redis.Redis.from_url(redis_url))
     for key in store.redis.scan_iter(match=f"ramplus:vocab:{VOCAB}:*"):  # the demo's own name: start clean
@@ -378,9 +378,9 @@ def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) 
     import redis
     from kafka import KafkaProducer
 
-    from workers.fleet import Fleet, ensure_topics, wait_until
-    from workers.producer import publish
-    from workers.vocab_store import VocabStore
+    from workers.stream.fleet import Fleet, ensure_topics, wait_until
+    from workers.stream.producer import publish
+    from workers.vocab.store import VocabStore
 
     ensure_topics(settings, partitions=4)
     fleet = Fleet(settings)
@@ -506,14 +506,14 @@ def run_demo(
 
         with timings.phase("vocabulary"):
             from ramplus_core import load_checkpoint
-            from workers.artifacts import fetch_artifact
+            from workers.train.artifacts import fetch_artifact
 
             trained_vocab = load_checkpoint(fetch_artifact(artifact, settings.s3)).vocabulary
             first_ref, second_ref = publish_vocabularies(config.redis_url, trained_vocab)
             say(f"   published {first_ref} ({len(trained_vocab)} tags, active) and {second_ref} (objects only)")
 
         with timings.phase("stream"):
-            from workers.synth_data import write_dataset
+            from workers.train.synth_data import write_dataset
 
             photos = write_photos(client, f"runs/{stamp}/photos/")
             write_dataset(f"s3://{BUCKET}/runs/{stamp}/scenes/", n=recipe.stream + recipe.backfill, seed=7, size=96,
@@ -531,7 +531,7 @@ def run_demo(
             dlq = dead_letters(config.kafka_bootstrap, topic + ".dlq", len(bad))
 
         with timings.phase("backfill"):
-            from workers.backfill import run_backfill
+            from workers.backfill.run import run_backfill
 
             for i in range(recipe.stream, recipe.stream + recipe.backfill):  # a bucket prefix to catch up on
                 key = f"runs/{stamp}/scenes/images/{i:08d}.jpg"
@@ -626,7 +626,7 @@ def print_summary(ctx: DemoResult, timings: Timings, total: float) -> None:
 
 
 def write_report(out: Path, ctx: DemoResult, images: dict[str, bytes], timings: Timings) -> Path:
-    from workers.report import Report, render, report_images
+    from workers.train.report import Report, render, report_images
     from workers.schemas import TagResult
 
     stream = [TagResult.model_validate(r) for r in sorted(ctx.results, key=lambda r: r["ts"])]

@@ -18,10 +18,10 @@ import redis
 from helpers import jpeg_bytes, random_images
 from fleet_kit import fleet_settings, make_topics, publish, wait_until
 from integration.test_hot_swap import all_results, make_vocab
-from workers.backfill import run_backfill
-from workers.fleet import Fleet
+from workers.backfill.run import run_backfill
+from workers.stream.fleet import Fleet
 from workers.settings import BackfillSettings, FetchSettings, ModelSettings, S3Settings, Settings
-from workers.vocab_store import VocabStore
+from workers.vocab.store import VocabStore
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

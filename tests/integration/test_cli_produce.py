@@ -8,7 +8,7 @@ from kafka import KafkaConsumer
 from typer.testing import CliRunner
 
 from workers.cli import app
-from workers.producer import file_uri, stable_id
+from workers.stream.producer import file_uri, stable_id
 
 
 def test_produce_publishes_a_folder_as_file_uris(stack, tmp_path, unique, monkeypatch):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from workers.errors import ErrorKind, InputError, SourceUnavailable
-from workers.fetchers import UriFetcher
+from workers.io.fetchers import UriFetcher
 from workers.settings import FetchSettings, S3Settings
 
 pytestmark = pytest.mark.integration

@@ -15,9 +15,9 @@ from kafka import KafkaProducer
 from helpers import jpeg_bytes, random_images
 from ramplus_core import Vocabulary, load_checkpoint
 from fleet_kit import PARTITIONS, dead_letters, fleet_settings, make_topics, publish, request, wait_until
-from workers.engine import TaggingEngine
-from workers.fleet import Fleet
-from workers.vocab_store import VocabStore
+from workers.stream.engine import TaggingEngine
+from workers.stream.fleet import Fleet
+from workers.vocab.store import VocabStore
 
 
 def make_vocab(name: str, version: str, seed: int, n: int) -> Vocabulary:

@@ -19,8 +19,8 @@ from fleet_kit import (
     committed_reaches_end, duplicate_report, fleet_settings, make_topics, publish, request, result_ids, upload_images,
     wait_for_ids,
 )
-from workers.fleet import wait_until
-from workers.replica import Replica
+from workers.stream.fleet import wait_until
+from workers.stream.replica import Replica
 
 pytestmark = pytest.mark.integration
 SESSION_MS = 6_000  # the broker's smallest (group.min.session.timeout.ms)

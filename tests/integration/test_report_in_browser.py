@@ -14,7 +14,7 @@ from PIL import Image
 from browser import dump_dom, screenshot
 from helpers import jpeg_bytes, make_tiny_model, random_images
 from ramplus_core import preprocess, select_tags
-from workers.report import Report, render, report_images
+from workers.train.report import Report, render, report_images
 from workers.schemas import TagResult
 
 pytestmark = pytest.mark.integration

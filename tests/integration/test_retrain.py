@@ -17,13 +17,13 @@ from fleet_kit import fleet_settings, make_topics, publish, request, wait_until
 from ramplus_core import Vocabulary, load_checkpoint
 from ramplus_core.synthetic import TAGS, describe_tags
 from ramplus_core.text_encoder import TextEncoder
-from workers.artifacts import fetch_artifact
+from workers.train.artifacts import fetch_artifact
 from workers.cli import app
-from workers.engine import TaggingEngine
-from workers.fleet import Fleet
+from workers.stream.engine import TaggingEngine
+from workers.stream.fleet import Fleet
 from workers.settings import S3Settings, Settings
-from workers.synth_data import write_dataset
-from workers.vocab_store import VocabStore
+from workers.train.synth_data import write_dataset
+from workers.vocab.store import VocabStore
 
 IMAGES = 800  # at most 1,000, as the acceptance says
 MINUTES = 3.0
@@ -53,7 +53,7 @@ def train_settings(stack, bucket: str, vocab_ref: str, run_name: str, **train) -
 
 @pytest.fixture(scope="module")
 def trained(stack, ray_cluster, s3_client):
-    from workers.retrain import run
+    from workers.train.retrain import run
 
     bucket = f"retrain-{uuid.uuid4().hex[:8]}"
     s3_client.create_bucket(Bucket=bucket)
@@ -87,7 +87,7 @@ def test_the_artifact_holds_the_model_its_vocabulary_metrics_and_its_own_scores(
     model = load_checkpoint(local)
     assert model.vocabulary.tags == TAGS and not torch.allclose(model.vocabulary.thresholds, torch.full((len(TAGS),), 0.5))
     with pytest.raises(Exception, match="immutable"):
-        from workers.artifacts import publish_artifact
+        from workers.train.artifacts import publish_artifact
 
         publish_artifact(local, result.artifact, settings.s3)
 

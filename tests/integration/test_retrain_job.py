@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from integration.test_retrain import synthetic_vocabulary
-from workers.artifacts import fetch_artifact
+from workers.train.artifacts import fetch_artifact
 from workers.settings import S3Settings
-from workers.synth_data import write_dataset
-from workers.vocab_store import VocabStore
+from workers.train.synth_data import write_dataset
+from workers.vocab.store import VocabStore
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

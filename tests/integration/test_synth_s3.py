@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from workers.cli import app
-from workers.manifest import read_manifest, resolve_uri, split_s3_uri
+from workers.train.manifest import read_manifest, resolve_uri, split_s3_uri
 from workers.settings import S3Settings
-from workers.synth_data import write_dataset
+from workers.train.synth_data import write_dataset
 
 pytestmark = pytest.mark.integration
 

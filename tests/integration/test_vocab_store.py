@@ -7,7 +7,7 @@ import json
 import torch
 
 from ramplus_core import Vocabulary
-from workers.vocab_store import EVENTS, VocabStore
+from workers.vocab.store import EVENTS, VocabStore
 
 
 def test_publish_activate_and_load_through_a_real_server(redis_client, unique):

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import make_tiny_model
 from ramplus_core import load_checkpoint, save_pretrained
-from workers.artifacts import COMPLETE, ArtifactError, fetch_artifact, publish_artifact, resolve_checkpoint, split_s3_uri
+from workers.train.artifacts import COMPLETE, ArtifactError, fetch_artifact, publish_artifact, resolve_checkpoint, split_s3_uri
 
 
 def test_a_published_directory_loads_back_as_the_same_model(tmp_path):

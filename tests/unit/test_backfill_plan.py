@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workers.backfill_plan import (
+from workers.backfill.plan import (
     MAX_SHARD_FACTOR,
     ListedObject,
     existing_shards,
@@ -133,7 +133,7 @@ def test_s3_prefix_may_be_a_whole_bucket():
 def test_a_stop_signal_is_a_flag_the_loop_checks_and_a_second_one_stops_at_once():
     import signal
 
-    from workers.backfill import _Interrupted, _StopRequest
+    from workers.backfill.run import _Interrupted, _StopRequest
 
     stop = _StopRequest()
     stop.check()  # nothing asked yet

@@ -122,7 +122,7 @@ def test_produce_refuses_a_missing_path(tmp_path):
 def test_samples_writes_scikit_images_real_photos_as_jpegs(tmp_path):
     from PIL import Image
 
-    from workers.samples import SAMPLE_PHOTOS
+    from workers.io.samples import SAMPLE_PHOTOS
 
     result = runner.invoke(app, ["samples", str(tmp_path / "photos")])
     assert result.exit_code == 0, result.output

@@ -159,7 +159,7 @@ def test_the_fleet_exposes_its_metrics_where_prometheus_scrapes_them():
 
 
 def test_the_dashboard_graphs_only_metrics_the_fleet_exports():
-    from workers.metrics import ReplicaMetrics
+    from workers.stream.metrics import ReplicaMetrics
 
     exported = {m.name for m in ReplicaMetrics().registry.collect()}
     dashboard = json.loads((ROOT / "infra" / "grafana" / "ramplus-fleet.json").read_text())
@@ -173,7 +173,7 @@ def test_the_dashboard_graphs_only_metrics_the_fleet_exports():
 def test_the_fleet_has_time_to_drain_before_kubernetes_kills_it(monkeypatch):
     """SIGTERM drains for up to drain_timeout_s, then stops replicas and leaves the group (STOP_MARGIN_S);
     kubelet sends SIGKILL terminationGracePeriodSeconds after SIGTERM."""
-    from workers.fleet import STOP_MARGIN_S
+    from workers.stream.fleet import STOP_MARGIN_S
 
     (config,) = [d for d in by_kind("ConfigMap") if d["metadata"]["name"] == "ramplus-settings"]
     (fleet,) = by_kind("Deployment")

@@ -21,7 +21,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from workers.errors import ErrorKind, InputError, SourceUnavailable
-from workers.fetchers import FileFetcher, HttpFetcher, S3Fetcher, UriFetcher, redact, split_s3_uri
+from workers.io.fetchers import FileFetcher, HttpFetcher, S3Fetcher, UriFetcher, redact, split_s3_uri
 from workers.settings import FetchSettings, S3Settings
 
 pytestmark = pytest.mark.timeout(30)

@@ -9,9 +9,9 @@ import pytest
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
 from workers.errors import CodecUnavailable
-from workers.fleet import start_failure
-from workers.kafka_codecs import CODECS, check_codecs
-from workers.kafka_io import is_decoding_error
+from workers.stream.fleet import start_failure
+from workers.stream.kafka_codecs import CODECS, check_codecs
+from workers.stream.kafka_io import is_decoding_error
 from workers.settings import KafkaSettings, ModelSettings, Settings
 
 # Kafka's compression.type ids in a record batch's attributes
@@ -75,7 +75,7 @@ def test_every_codec_of_the_record_format_is_checked():
 
 
 def test_a_replica_refuses_to_start_before_it_loads_anything(monkeypatch, tmp_path):
-    from workers.replica import Replica
+    from workers.stream.replica import Replica
 
     monkeypatch.setattr(kafka.codec, "has_lz4", lambda: False)
     # A checkpoint that does not exist and a broker nobody runs: the codec check must come first.
@@ -116,9 +116,9 @@ def test_an_error_raised_while_decoding_a_batch_is_told_from_any_other(monkeypat
 def test_a_replica_that_fails_to_start_is_reported_in_one_line():
     ray_text = (
         "The actor died because of an error raised in its creation task, ray::ReplicaActor.__init__() "
-        "(pid=4242, ip=10.0.0.7, actor_id=abc, repr=<workers.replica.ReplicaActor object at 0x7f>)\n"
-        '  File "/app/workers/replica.py", line 53, in __init__\n    check_codecs()\n'
-        '  File "/app/workers/kafka_codecs.py", line 63, in check_codecs\n    raise CodecUnavailable(...)\n'
+        "(pid=4242, ip=10.0.0.7, actor_id=abc, repr=<workers.stream.replica.ReplicaActor object at 0x7f>)\n"
+        '  File "/app/workers/stream/replica.py", line 53, in __init__\n    check_codecs()\n'
+        '  File "/app/workers/stream/kafka_codecs.py", line 63, in check_codecs\n    raise CodecUnavailable(...)\n'
         "workers.errors.CodecUnavailable: kafka-python cannot read lz4-compressed Kafka batches (its library is not "
         "installed): install 'lz4' (pip install 'kafka-python[lz4]')"
     )
@@ -134,7 +134,7 @@ def test_the_fleets_periodic_report_counts_replicas_not_ready_and_names_their_pa
 
     from structlog.testing import capture_logs
 
-    from workers.fleet import Fleet
+    from workers.stream.fleet import Fleet
 
     stop = threading.Event()
     paused = {"topic": "requests", "partition": 2, "offset": 6, "cause": "UnsupportedCodecError: lz4"}

@@ -1,6 +1,6 @@
 """Commit only what is finished, and everything before it."""
 
-from workers.offsets import DeliveryGuard, OffsetTracker
+from workers.stream.offsets import DeliveryGuard, OffsetTracker
 
 TP = ("t", 0)
 

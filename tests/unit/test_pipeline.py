@@ -10,12 +10,12 @@ import torch
 
 from helpers import jpeg_bytes, make_tiny_model, random_images
 from ramplus_core import Vocabulary, preprocess, select_tags
-from workers.engine import TaggingEngine
+from workers.stream.engine import TaggingEngine
 from workers.errors import ErrorKind, InputError
-from workers.local_io import LocalSource, MemoryDeadLetters, MemorySink
-from workers.pipeline import StreamPipeline
+from workers.io.local_io import LocalSource, MemoryDeadLetters, MemorySink
+from workers.stream.pipeline import StreamPipeline
 from workers.schemas import DeadLetter, SourceRef, TagRequest
-from workers.vocab_store import VocabStore
+from workers.vocab.store import VocabStore
 
 
 class DictFetcher:
@@ -180,8 +180,8 @@ def test_writes_wait_while_the_source_cannot_vouch_for_ownership(images):
 
 
 def test_results_of_a_forgotten_partition_are_dropped_not_written(images):
-    from workers.pipeline import Prepared
-    from workers.records import Record
+    from workers.stream.pipeline import Prepared
+    from workers.stream.records import Record
 
     sink = MemorySink()
     pipeline = StreamPipeline(

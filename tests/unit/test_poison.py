@@ -18,11 +18,11 @@ import structlog
 from kafka import errors as kafka_errors
 
 from helpers import jpeg_bytes, make_tiny_model, random_images
-from workers.engine import TaggingEngine
+from workers.stream.engine import TaggingEngine
 from workers.errors import DeadLetterRefused, ErrorKind, InputError, SourceUnavailable
-from workers.kafka_io import RECORD_OVERHEAD, KafkaDeadLetters
-from workers.local_io import LocalSource, MemoryDeadLetters, MemorySink
-from workers.pipeline import StreamPipeline
+from workers.stream.kafka_io import RECORD_OVERHEAD, KafkaDeadLetters
+from workers.io.local_io import LocalSource, MemoryDeadLetters, MemorySink
+from workers.stream.pipeline import StreamPipeline
 from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_JSON_DEPTH, DeadLetter, SourceRef, TagRequest
 from workers.settings import KafkaSettings
 
@@ -237,7 +237,7 @@ def test_when_the_dead_letter_topic_refuses_for_good_the_record_is_skipped_commi
 
 
 def test_a_bug_in_the_dead_letter_path_skips_the_record_instead_of_holding_its_partition(monkeypatch):
-    from workers import pipeline as pipeline_module
+    from workers.stream import pipeline as pipeline_module
 
     class Broken(DeadLetter):
         @classmethod
@@ -299,7 +299,7 @@ def test_a_record_stuck_longer_than_the_bound_is_reported_once_with_its_offset_a
 
 
 def test_an_unwritable_result_is_dead_lettered_not_retried_for_ever(image, monkeypatch):
-    from workers import pipeline as pipeline_module
+    from workers.stream import pipeline as pipeline_module
 
     real = pipeline_module.TagResult
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import jpeg_bytes, random_images
 from ramplus_core.tagging import TagScore
-from workers.report import Report, ReportImage, render, report_images, thumbnail
+from workers.train.report import Report, ReportImage, render, report_images, thumbnail
 from workers.schemas import TagResult
 
 

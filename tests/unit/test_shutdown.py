@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from workers.shutdown import ShutdownSignals
+from workers.stream.shutdown import ShutdownSignals
 
 
 @pytest.fixture

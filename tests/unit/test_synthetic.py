@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from ramplus_core.descriptions import load_descriptions
 from ramplus_core.synthetic import BACKGROUNDS, COLOURS, SHAPES, TAG_GROUPS, TAGS, describe_tags, draw_scene, generate, scene_seed
 from workers.cli import app
-from workers.manifest import ManifestError, ManifestRecord, read_manifest, resolve_uri, write_manifest
-from workers.synth_data import DatasetError, split_of, write_dataset
+from workers.train.manifest import ManifestError, ManifestRecord, read_manifest, resolve_uri, write_manifest
+from workers.train.synth_data import DatasetError, split_of, write_dataset
 
 runner = CliRunner()
 

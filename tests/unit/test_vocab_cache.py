@@ -12,11 +12,11 @@ import torch
 from helpers import jpeg_bytes, make_tiny_model, random_images
 from ramplus_core import Vocabulary, select_tags
 from ramplus_core.errors import VocabularyError
-from workers.engine import TaggingEngine
+from workers.stream.engine import TaggingEngine
 from workers.errors import ErrorKind, InputError
-from workers.metrics import ReplicaMetrics
-from workers.vocab_cache import VocabularyCache
-from workers.vocab_store import VocabStore
+from workers.stream.metrics import ReplicaMetrics
+from workers.vocab.cache import VocabularyCache
+from workers.vocab.store import VocabStore
 
 
 def vocabulary(name: str, version: str, n: int = 5, seed: int = 0, dim: int = 512) -> Vocabulary:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ramplus_core import Vocabulary, VocabularyError
-from workers.vocab_store import EVENTS, VocabStore, VocabStoreError, parse_ref
+from workers.vocab.store import EVENTS, VocabStore, VocabStoreError, parse_ref
 
 
 def vocab(n: int = 5, seed: int = 0, version: str = "1", ragged: bool = True) -> Vocabulary:

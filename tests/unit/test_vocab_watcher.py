@@ -11,9 +11,9 @@ import torch
 
 from helpers import make_tiny_model, random_images
 from ramplus_core import Vocabulary
-from workers.engine import TaggingEngine
-from workers.vocab_store import VocabStore
-from workers.vocab_watcher import VocabularyWatcher
+from workers.stream.engine import TaggingEngine
+from workers.vocab.store import VocabStore
+from workers.vocab.watcher import VocabularyWatcher
 
 
 def vocabulary(version: str, n: int = 6, seed: int = 0) -> Vocabulary:

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from workers.s3_sink import s3_client
+from workers.stream.s3_sink import s3_client
 from workers.settings import S3Settings
 
 log = structlog.get_logger("ramplus.artifacts")

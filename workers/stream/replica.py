@@ -20,16 +20,16 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ramplus_core import RamPlus, Vocabulary, load_checkpoint
-from workers.engine import TaggingEngine
-from workers.fetchers import UriFetcher
-from workers.kafka_codecs import check_codecs
-from workers.kafka_io import KafkaDeadLetters, KafkaSource
-from workers.metrics import ReplicaMetrics
-from workers.pipeline import StreamPipeline
-from workers.s3_sink import S3ResultSink
+from workers.stream.engine import TaggingEngine
+from workers.io.fetchers import UriFetcher
+from workers.stream.kafka_codecs import check_codecs
+from workers.stream.kafka_io import KafkaDeadLetters, KafkaSource
+from workers.stream.metrics import ReplicaMetrics
+from workers.stream.pipeline import StreamPipeline
+from workers.stream.s3_sink import S3ResultSink
 from workers.settings import Settings
-from workers.vocab_store import VocabStore
-from workers.vocab_watcher import VocabularyWatcher
+from workers.vocab.store import VocabStore
+from workers.vocab.watcher import VocabularyWatcher
 
 log = structlog.get_logger("ramplus.replica")
 
@@ -40,7 +40,7 @@ def load_model(settings: Settings) -> RamPlus:
         from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
 
         raise ValueError(f"no checkpoint configured (RAMPLUS_MODEL__CHECKPOINT). {OFFICIAL_WEIGHTS_HELP}")
-    from workers.artifacts import resolve_checkpoint
+    from workers.train.artifacts import resolve_checkpoint
 
     return load_checkpoint(
         resolve_checkpoint(m.checkpoint, settings.s3), m.variant, m.image_size, vocabulary=m.vocabulary, tag_list=m.tag_list,

@@ -32,7 +32,7 @@ def synth(
     from botocore.exceptions import BotoCoreError, ClientError
 
     from ramplus_core.errors import RamPlusError
-    from workers.synth_data import write_dataset
+    from workers.train.synth_data import write_dataset
 
     s3 = None
     if out.startswith("s3://"):
@@ -46,7 +46,7 @@ def synth(
             _fail(f"bad settings: {exc}")
     try:
         if s3 is not None and create_bucket:
-            from workers.s3_sink import ensure_bucket, s3_client
+            from workers.stream.s3_sink import ensure_bucket, s3_client
 
             ensure_bucket(s3_client(s3), out[len("s3://"):].split("/", 1)[0])
         summary = write_dataset(out, n=n, seed=seed, size=size, val_fraction=val_fraction, s3=s3)

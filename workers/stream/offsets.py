@@ -3,7 +3,7 @@
 Records finish out of order (fetches race, dead letters skip the model), but a Kafka commit says
 "everything before N is done". So per partition we keep the polled offsets in order and commit up to the
 first unfinished one. Used by the polling thread, and by the rebalance listener while that thread is blocked
-inside `poll` (see workers/kafka_io.py): never by two threads at once.
+inside `poll` (see workers/stream/kafka_io.py): never by two threads at once.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from workers.records import TopicPartition
+from workers.stream.records import TopicPartition
 
 
 class OffsetTracker:

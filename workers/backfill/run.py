@@ -1,6 +1,6 @@
 """Bulk backfill: tag every image under an S3 prefix with the fleet's model code, resumably.
 
-The driver plans (`workers.backfill_plan`), then runs one Ray Data pipeline over what is not done yet:
+The driver plans (`workers.backfill.plan`), then runs one Ray Data pipeline over what is not done yet:
 
     listed objects -> fetch + decode (CPU tasks, a thread pool each) -> tag (an actor pool, one replica per GPU)
                    -> the driver, which writes each shard when its last image arrives
@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from ramplus_core import RamPlus
-from workers.backfill_plan import (
+from workers.backfill.plan import (
     ERRORS,
     RESULTS,
     ListedObject,
@@ -49,7 +49,7 @@ from workers.backfill_plan import (
     split_s3_prefix,
     transient_error_count,
 )
-from workers.engine import ImageDecoder, TaggingEngine
+from workers.stream.engine import ImageDecoder, TaggingEngine
 from workers.errors import ErrorKind, InputError, SourceUnavailable
 from workers.schemas import TagResult, utc_now
 from workers.settings import FetchSettings, Settings
@@ -114,7 +114,7 @@ def _decoder_for(config: str) -> tuple[Any, ImageDecoder, ThreadPoolExecutor]:
     """One fetcher, decoder and thread pool per worker process (Ray reuses task workers)."""
     with _DECODERS_LOCK:
         if config not in _DECODERS:
-            from workers.fetchers import S3Fetcher
+            from workers.io.fetchers import S3Fetcher
             from workers.settings import S3Settings
 
             cfg = json.loads(config)
@@ -165,7 +165,7 @@ class BackfillTagger:
     """Ray Data stage (an actor per replica): decoded rows -> one JSON line each, a result or an error."""
 
     def __init__(self, config: str) -> None:
-        from workers.replica import load_model
+        from workers.stream.replica import load_model
 
         cfg = json.loads(config)
         settings = Settings(**cfg["settings"])
@@ -238,7 +238,7 @@ class BackfillTagger:
 def _vocab_store(settings: Settings) -> Any:
     import redis
 
-    from workers.vocab_store import VocabStore
+    from workers.vocab.store import VocabStore
 
     return VocabStore(redis.Redis.from_url(settings.redis.url, socket_timeout=60))
 
@@ -320,7 +320,7 @@ def _resolve_vocab(settings: Settings, model: RamPlus) -> tuple[tuple[str, str] 
     if spec is None:
         assert model.vocabulary is not None
         return None, model.vocabulary.ref
-    from workers.vocab_store import parse_ref
+    from workers.vocab.store import parse_ref
 
     name, version = parse_ref(spec)
     store = _vocab_store(settings)
@@ -399,8 +399,8 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
     """Plan, tag what is not done, write shards as they complete; returns (and writes) the summary."""
     from tqdm import tqdm
 
-    from workers.replica import load_model
-    from workers.s3_sink import s3_client
+    from workers.stream.replica import load_model
+    from workers.stream.s3_sink import s3_client
 
     b = settings.backfill
     if not b.input or not b.output:

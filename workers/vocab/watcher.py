@@ -22,8 +22,8 @@ import structlog
 
 from ramplus_core.errors import VocabularyError
 from ramplus_core.vocabulary import Vocabulary
-from workers.metrics import ReplicaMetrics
-from workers.vocab_store import EVENTS, VocabStore
+from workers.stream.metrics import ReplicaMetrics
+from workers.vocab.store import EVENTS, VocabStore
 
 log = structlog.get_logger("ramplus.vocab")
 

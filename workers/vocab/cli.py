@@ -23,7 +23,7 @@ def _store(redis_url: str | None):
     import redis
 
     from workers.settings import Settings
-    from workers.vocab_store import VocabStore
+    from workers.vocab.store import VocabStore
 
     url = redis_url or Settings.load().redis.url
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=30)
@@ -49,7 +49,7 @@ def _local_copy(location: str) -> Path:
         return Path(location)
     import tempfile
 
-    from workers.s3_sink import s3_client
+    from workers.stream.s3_sink import s3_client
     from workers.settings import Settings
 
     bucket, _, key = location[len("s3://"):].partition("/")

@@ -16,7 +16,7 @@ import boto3
 import structlog
 from botocore.config import Config
 
-from workers.records import TopicPartition
+from workers.stream.records import TopicPartition
 from workers.schemas import TagResult
 from workers.settings import S3Settings
 

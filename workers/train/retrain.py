@@ -36,10 +36,10 @@ from ramplus_core.evaluation import calibrate_thresholds, label_prior_map, mean_
 from ramplus_core.preprocess import pil_to_tensor
 from ramplus_core.tagger import create_model
 from ramplus_core.training import LossWeights, RamPlusTraining, build_optimizer, caption_targets, tag_targets, warmup_cosine
-from workers.artifacts import publish_artifact, resolve_checkpoint
+from workers.train.artifacts import publish_artifact, resolve_checkpoint
 from workers.errors import InputError
-from workers.fetchers import UriFetcher
-from workers.manifest import ManifestRecord, read_manifest
+from workers.io.fetchers import UriFetcher
+from workers.train.manifest import ManifestRecord, read_manifest
 from workers.settings import Settings, TrainSettings
 
 log = structlog.get_logger("ramplus.retrain")
@@ -144,7 +144,7 @@ def load_training_vocabulary(spec: str | None, settings: Settings) -> Vocabulary
     if spec.startswith("redis:"):
         import redis
 
-        from workers.vocab_store import VocabStore, parse_ref
+        from workers.vocab.store import VocabStore, parse_ref
 
         name, version = parse_ref(spec[len("redis:") :])
         return VocabStore(redis.Redis.from_url(settings.redis.url, socket_timeout=60)).load(name, version)

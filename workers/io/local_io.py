@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from workers.records import Record, TopicPartition
+from workers.stream.records import Record, TopicPartition
 from workers.schemas import DeadLetter, TagRequest, TagResult
 
 

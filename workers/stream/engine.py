@@ -23,12 +23,12 @@ from ramplus_core.tagger import PRECISIONS
 from ramplus_core.tagging import ImageTags, select_tags
 from ramplus_core.vocabulary import Vocabulary
 from workers.errors import ErrorKind, InputError, input_error_from
-from workers.metrics import ReplicaMetrics
-from workers.vocab_cache import VocabularyCache
+from workers.stream.metrics import ReplicaMetrics
+from workers.vocab.cache import VocabularyCache
 
 
 class VocabularySource(Protocol):
-    """Where vocabularies named by requests come from (`workers.vocab_store.VocabStore` in a fleet)."""
+    """Where vocabularies named by requests come from (`workers.vocab.store.VocabStore` in a fleet)."""
 
     def load(self, name: str, version: str) -> Vocabulary: ...
     def active_version(self, name: str) -> str | None: ...

@@ -9,7 +9,7 @@ kafka-python 3.0 (pinned), and who runs what:
   flight to finish, it awaits short sleeps on the IO loop instead of blocking it, so heartbeats go on and
   a slow batch during a rebalance cannot get the member evicted. The wait is bounded by the fleet's
   `drain_timeout_s`, which settings keep below the rebalance timeout (`max_poll_interval_ms`); what is not
-  finished by then is forgotten, and the partition's next owner redoes it (once, see workers/s3_sink.py).
+  finished by then is forgotten, and the partition's next owner redoes it (once, see workers/stream/s3_sink.py).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTopicPartition
 
 from workers.errors import DeadLetterRefused
-from workers.metrics import ReplicaMetrics
-from workers.offsets import DeliveryGuard
-from workers.records import Record, TopicPartition
+from workers.stream.metrics import ReplicaMetrics
+from workers.stream.offsets import DeliveryGuard
+from workers.stream.records import Record, TopicPartition
 from workers.schemas import DeadLetter
 from workers.settings import KafkaSettings
 

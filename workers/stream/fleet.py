@@ -2,7 +2,7 @@
 
 The driver only starts, watches and stops replicas; all the work happens in the actors. Ray restarts a
 replica that crashes (`max_restarts=-1`): its constructor runs again, reloads the model and rejoins the
-consumer group, and the group rebalances; offsets not committed are redone (see workers/s3_sink.py).
+consumer group, and the group rebalances; offsets not committed are redone (see workers/stream/s3_sink.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import ray
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from workers.metrics import FleetCollector
-from workers.replica import ReplicaActor
+from workers.stream.metrics import FleetCollector
+from workers.stream.replica import ReplicaActor
 from workers.settings import Settings
 
 log = structlog.get_logger("ramplus.fleet")

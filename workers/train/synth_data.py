@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ramplus_core.errors import RamPlusError
 from ramplus_core.synthetic import GENERATOR_VERSION, TAG_GROUPS, TAGS, Scene, describe_tags, generate
-from workers.manifest import ManifestRecord, split_s3_uri, write_manifest
+from workers.train.manifest import ManifestRecord, split_s3_uri, write_manifest
 from workers.settings import S3Settings
 
 __all__ = ["DatasetError", "DatasetSummary", "image_key", "split_of", "write_dataset"]
@@ -114,7 +114,7 @@ class _S3Writer:
     """PUTs on a thread pool; at most ``2 * workers`` bodies wait in memory, the first failure is raised."""
 
     def __init__(self, out: str, s3: S3Settings | None, client: Any, workers: int) -> None:
-        from workers.s3_sink import s3_client
+        from workers.stream.s3_sink import s3_client
 
         self.bucket, prefix = split_s3_uri(out)
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"

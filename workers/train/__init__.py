@@ -1,0 +1,3 @@
+"""Retraining: the Ray Train loop, training manifests, synthetic data, published model artifacts,
+the `ramplus data` CLI and the evaluation report.
+"""
