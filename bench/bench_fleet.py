@@ -12,7 +12,6 @@ Printed as images/s and their ratio (target on the CPU: at least 0.8).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -29,14 +28,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_stack():
-    spec = importlib.util.spec_from_file_location("ramplus_local_stack", ROOT / "infra" / "local" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT))  # `infra.local` (the stack and its kit) lives in the repository, not the wheel
 
 
 def make_jpegs(n: int, size=(320, 240), seed: int = 0) -> list[bytes]:
@@ -88,10 +80,12 @@ def main() -> None:
     from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from workers.stream.fleet import Fleet, wait_until
+    from infra.local.kit import wait_until
+
+    from workers.stream.fleet import Fleet
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
 
-    stack = load_stack()
+    from infra.local import stack
     cfg = stack.StackConfig.from_env()
     stack.up(cfg)
     env = stack.env(cfg)

@@ -62,7 +62,8 @@ def main() -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from ramplus_core import Vocabulary, create_model, save_pretrained
-    from workers.stream.fleet import Fleet, wait_until
+    from infra.local.kit import wait_until
+    from workers.stream.fleet import Fleet
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
     from workers.vocab.store import VocabStore
 

@@ -9,7 +9,6 @@ fp16 (about 239 MB) in 64 MiB chunks on the local stack's redis-server (started 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
 import sys
 import time
@@ -19,6 +18,7 @@ import redis
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `infra.local` (the stack and its kit) lives in the repository, not the wheel
 
 
 def rss_mib() -> float:
@@ -34,10 +34,7 @@ def main() -> None:
     parser.add_argument("--descriptions", type=int, default=51)
     args = parser.parse_args()
 
-    spec = importlib.util.spec_from_file_location("ramplus_local_stack", ROOT / "infra" / "local" / "stack.py")
-    stack = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = stack
-    spec.loader.exec_module(stack)
+    from infra.local import stack
     cfg = stack.StackConfig.from_env()
     stack.up(cfg, ["redis"])
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import json
-import socket
 import time
 import urllib.request
 
@@ -16,7 +15,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.structs import TopicPartition
 
 from helpers import jpeg_bytes, random_images
-from workers.stream.fleet import wait_until
+from infra.local.kit import free_port, wait_until  # noqa: F401 (re-exported for the fleet tests)
 from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
 
 PARTITIONS = 4
@@ -51,12 +50,6 @@ def fleet_settings(
                "metrics_port": 0, "drain_timeout_s": 30, **fleet},
         ),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:

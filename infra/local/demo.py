@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +42,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `infra.local` (the stack and its kit) lives in the repository, not the wheel
+
+from infra.local import kit  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 BUCKET = "ramplus-demo"
@@ -73,14 +74,6 @@ FULL = Recipe(images=1000, epochs=30, max_minutes=3.0, stream=240, backfill=120)
 QUICK = Recipe(images=400, epochs=6, max_minutes=1.0, stream=60, backfill=30)
 
 
-def load_stack() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ramplus_local_stack", ROOT / "infra" / "local" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @dataclass
 class Timings:
     phases: dict[str, float] = field(default_factory=dict)
@@ -100,12 +93,6 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class LocalRay:
     """A Ray head of the demo's own (`ray start --head`), every port free-picked and a temp dir of its own, so
@@ -119,7 +106,7 @@ class LocalRay:
     @classmethod
     def start(cls, num_cpus: int) -> LocalRay:
         temp = Path(f"/tmp/ray-demo-{uuid.uuid4().hex[:6]}")  # short: Ray's socket paths have a length limit
-        ports = {flag: free_port() for flag in (
+        ports = {flag: kit.free_port() for flag in (
             "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")}
         # The job's `python` and the workers' are this environment's.
@@ -378,7 +365,9 @@ def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) 
     import redis
     from kafka import KafkaProducer
 
-    from workers.stream.fleet import Fleet, ensure_topics, wait_until
+    from infra.local.kit import wait_until
+
+    from workers.stream.fleet import Fleet, ensure_topics
     from workers.stream.producer import publish
     from workers.vocab.store import VocabStore
 
@@ -462,7 +451,7 @@ def run_demo(
     timings = Timings()
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
-    stack = load_stack()
+    from infra.local import stack
     config = stack.StackConfig.from_env()
     ours: list[str] = []
     head: LocalRay | None = None

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The local real stack for RAMPlus: Kafka (KRaft), Redis and an S3 server (s3proxy), on 127.0.0.1 only.
 
-Standard library only: runs with plain ``python3`` and can be imported by path (tests do this).
+Standard library only: runs with plain ``python3``; tests, the demo and the benches import it as
+``infra.local.stack``.
 
     python3 infra/local/stack.py up     [kafka|redis|s3 ...]   # install (first time) + start, idempotent
     python3 infra/local/stack.py down   [SERVICE ...] [--wipe] # stop by our own PIDs; --wipe deletes data

@@ -9,9 +9,7 @@ RAMPLUS_STACK_HOME (default <repo>/var/stack) and RAMPLUS_STACK_{KAFKA,REDIS,S3}
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,20 +18,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-STACK_SCRIPT = ROOT / "infra" / "local" / "stack.py"
-
-
-def load_stack_module() -> ModuleType:
-    """infra/local/stack.py is a script, not a package: import it by path (once)."""
-    name = "ramplus_local_stack"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, STACK_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from infra.local import stack as stack_module
 
 
 class Stack:
@@ -67,7 +52,7 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    module = load_stack_module()
+    module = stack_module
     config = module.StackConfig.from_env()
     already = {s for s in module.SERVICES if module.is_ready(config, s)}
     try:

@@ -16,7 +16,8 @@ from fleet_kit import (
     committed_reaches_end, dead_letters, duplicate_report, fleet_settings, free_port, jpeg_bytes, make_topics, publish,
     random_images, request, result_ids, result_workers, scrape, upload_images, wait_for_ids,
 )
-from workers.stream.fleet import Fleet, wait_until
+from infra.local.kit import wait_until
+from workers.stream.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 def test_mixed_stream_lands_once_in_s3_and_bad_input_in_the_dead_letter_topic(

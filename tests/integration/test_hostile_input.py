@@ -31,7 +31,8 @@ from fleet_kit import (
     committed_reaches_end, fleet_settings, jpeg_bytes, make_topics, random_images, result_ids, upload_images,
     wait_for_ids,
 )
-from workers.stream.fleet import Fleet, wait_until
+from infra.local.kit import wait_until
+from workers.stream.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 BROKER_LIMIT = 1_048_588  # Kafka's default message.max.bytes (the local stack keeps it)

@@ -23,7 +23,7 @@ from fleet_kit import (
     PARTITIONS, committed_reaches_end, dead_letters, duplicate_report, fleet_settings, make_topics, result_ids,
     upload_images, wait_for_ids,
 )
-from workers.stream.fleet import wait_until
+from infra.local.kit import wait_until
 from workers.stream.replica import Replica
 from workers.schemas import TagRequest
 

@@ -19,7 +19,7 @@ from fleet_kit import (
     committed_reaches_end, duplicate_report, fleet_settings, make_topics, publish, request, result_ids, upload_images,
     wait_for_ids,
 )
-from workers.stream.fleet import wait_until
+from infra.local.kit import wait_until
 from workers.stream.replica import Replica
 
 pytestmark = pytest.mark.integration

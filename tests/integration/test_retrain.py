@@ -19,7 +19,6 @@ from ramplus_core.synthetic import TAGS, describe_tags
 from ramplus_core.text_encoder import TextEncoder
 from workers.train.artifacts import fetch_artifact
 from workers.cli import app
-from workers.stream.engine import TaggingEngine
 from workers.stream.fleet import Fleet
 from workers.settings import S3Settings, Settings
 from workers.train.synth_data import write_dataset

@@ -25,7 +25,8 @@ from fleet_kit import (
     PARTITIONS, committed_reaches_end, duplicate_report, fleet_settings, make_topics, publish, request, result_ids,
     result_lines, upload_images, wait_for_ids,
 )
-from workers.stream.fleet import Fleet, wait_until
+from infra.local.kit import wait_until
+from workers.stream.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

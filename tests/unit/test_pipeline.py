@@ -12,7 +12,7 @@ from helpers import jpeg_bytes, make_tiny_model, random_images
 from ramplus_core import Vocabulary, preprocess, select_tags
 from workers.stream.engine import TaggingEngine
 from workers.errors import ErrorKind, InputError
-from workers.io.local_io import LocalSource, MemoryDeadLetters, MemorySink
+from fakes import LocalSource, MemoryDeadLetters, MemorySink
 from workers.stream.pipeline import StreamPipeline
 from workers.schemas import DeadLetter, SourceRef, TagRequest
 from workers.vocab.store import VocabStore

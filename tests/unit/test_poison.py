@@ -21,7 +21,7 @@ from helpers import jpeg_bytes, make_tiny_model, random_images
 from workers.stream.engine import TaggingEngine
 from workers.errors import DeadLetterRefused, ErrorKind, InputError, SourceUnavailable
 from workers.stream.kafka_io import RECORD_OVERHEAD, KafkaDeadLetters
-from workers.io.local_io import LocalSource, MemoryDeadLetters, MemorySink
+from fakes import LocalSource, MemoryDeadLetters, MemorySink
 from workers.stream.pipeline import StreamPipeline
 from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_JSON_DEPTH, DeadLetter, SourceRef, TagRequest
 from workers.settings import KafkaSettings

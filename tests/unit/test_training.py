@@ -12,7 +12,6 @@ from ramplus_core.training import (
     build_optimizer,
     caption_targets,
     tag_targets,
-    training_vocabulary,
     warmup_cosine,
 )
 

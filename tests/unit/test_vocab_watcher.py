@@ -7,6 +7,8 @@ import time
 
 import fakeredis
 import pytest
+
+from infra.local.kit import wait_until
 import torch
 
 from helpers import make_tiny_model, random_images
@@ -20,15 +22,6 @@ def vocabulary(version: str, n: int = 6, seed: int = 0) -> Vocabulary:
     torch.manual_seed(seed)
     emb = torch.nn.functional.normalize(torch.randn(n, 2, 512), dim=-1)
     return Vocabulary.from_embeddings([f"v{version}-t{i}" for i in range(n)], emb, thresholds=0.0, name="live", version=version)
-
-
-def wait_for(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
@@ -46,28 +39,28 @@ def test_activating_a_version_switches_the_engine_and_results_name_it(setup):
     store, engine, _ = setup
     store.publish(vocabulary("1"))
     store.activate("live", "1")
-    assert wait_for(lambda: engine.vocabulary.ref == "live@1")
+    assert wait_until(lambda: engine.vocabulary.ref == "live@1", 5, interval_s=0.02)
     pixels = engine.decode(__import__("helpers").jpeg_bytes(random_images(1)[0]), "x")
     out = engine.infer([pixels])[0]
     assert out.vocab == "live@1" and all(t.tag.startswith("v1-") for t in out.tags)
     store.publish(vocabulary("2", n=3, seed=1))
     store.activate("live", "2")
-    assert wait_for(lambda: engine.vocabulary.ref == "live@2")
+    assert wait_until(lambda: engine.vocabulary.ref == "live@2", 5, interval_s=0.02)
     assert engine.infer([pixels])[0].vocab == "live@2"
     store.rollback("live")
-    assert wait_for(lambda: engine.vocabulary.ref == "live@1")
+    assert wait_until(lambda: engine.vocabulary.ref == "live@1", 5, interval_s=0.02)
 
 
 def test_a_corrupt_version_is_refused_and_the_old_one_kept(setup):
     store, engine, watcher = setup
     store.publish(vocabulary("1"))
     store.activate("live", "1")
-    assert wait_for(lambda: engine.vocabulary.ref == "live@1")
+    assert wait_until(lambda: engine.vocabulary.ref == "live@1", 5, interval_s=0.02)
     store.publish(vocabulary("2"))
     meta = json.loads(store.redis.get("ramplus:vocab:live:2:meta"))
     store.redis.set(f"ramplus:vocab:live:2:{meta['upload']}:0", b"\x00" * meta["bytes"])
     store.activate("live", "2")
-    assert wait_for(lambda: "2" in watcher.refused)
+    assert wait_until(lambda: "2" in watcher.refused, 5, interval_s=0.02)
     assert engine.vocabulary.ref == "live@1"
     assert watcher.metrics.vocab_refused.labels(reason="checksum")._value.get() == 1
 
@@ -77,7 +70,7 @@ def test_a_wrong_dimension_is_refused(setup):
     emb = torch.nn.functional.normalize(torch.randn(3, 1, 256), dim=-1)
     store.publish(Vocabulary.from_embeddings(["a", "b", "c"], emb, name="live", version="small"))
     store.activate("live", "small")
-    assert wait_for(lambda: "small" in watcher.refused)
+    assert wait_until(lambda: "small" in watcher.refused, 5, interval_s=0.02)
     assert "dimension" in watcher.refused["small"] and engine.vocabulary.ref == "tiny-vocab@1"
 
 
@@ -85,17 +78,17 @@ def test_redis_errors_keep_the_vocabulary_and_the_watcher_recovers(setup):
     store, engine, watcher = setup
     store.publish(vocabulary("1"))
     store.activate("live", "1")
-    assert wait_for(lambda: engine.vocabulary.ref == "live@1")
+    assert wait_until(lambda: engine.vocabulary.ref == "live@1", 5, interval_s=0.02)
     real = store.redis
     down = fakeredis.FakeServer()
     down.connected = False  # fakeredis raises ConnectionError on every command to this server
     store.redis = fakeredis.FakeRedis(server=down)
-    assert wait_for(lambda: watcher.metrics.errors.labels(stage="vocab")._value.get() >= 1)
+    assert wait_until(lambda: watcher.metrics.errors.labels(stage="vocab")._value.get() >= 1, 5, interval_s=0.02)
     assert engine.vocabulary.ref == "live@1"
     store.redis = real
     store.publish(vocabulary("2", seed=3))
     store.activate("live", "2")
-    assert wait_for(lambda: engine.vocabulary.ref == "live@2", timeout_s=15)
+    assert wait_until(lambda: engine.vocabulary.ref == "live@2", 15, interval_s=0.02)
 
 
 def test_a_published_version_is_prefetched_so_activate_loads_nothing_and_a_bad_one_is_still_refused():
@@ -113,10 +106,10 @@ def test_a_published_version_is_prefetched_so_activate_loads_nothing_and_a_bad_o
         time.sleep(0.3)  # subscribed
         store.publish(vocabulary("1"))
         store.publish(vocabulary("other-name", n=3), name="elsewhere")  # not ours: not prefetched
-        assert wait_for(lambda: engine.cache.peek("live@1") is not None)
+        assert wait_until(lambda: engine.cache.peek("live@1") is not None, 5, interval_s=0.02)
         assert loads == ["live@1"]
         store.activate("live", "1")
-        assert wait_for(lambda: engine.vocabulary.ref == "live@1")
+        assert wait_until(lambda: engine.vocabulary.ref == "live@1", 5, interval_s=0.02)
         assert loads == ["live@1"] and engine.cache.refs() == ["tiny-vocab@1"]  # active left the cache, previous joined
         assert watcher.metrics.vocab_switch_seconds._sum.get() < 0.5
         announce, store._event = store._event, lambda *a: None  # corrupt it before anyone hears of it
@@ -125,11 +118,11 @@ def test_a_published_version_is_prefetched_so_activate_loads_nothing_and_a_bad_o
         store.redis.set(f"ramplus:vocab:live:2:{meta['upload']}:0", b"\x00" * meta["bytes"])
         store._event = announce
         store._event("published", "live", "2")
-        assert wait_for(lambda: loads[-1] == "live@2")
+        assert wait_until(lambda: loads[-1] == "live@2", 5, interval_s=0.02)
         time.sleep(0.2)
         assert engine.cache.peek("live@2") is None  # the prefetch read corrupt bytes and kept nothing
         store.activate("live", "2")
-        assert wait_for(lambda: "2" in watcher.refused) and engine.vocabulary.ref == "live@1"
+        assert wait_until(lambda: "2" in watcher.refused, 5, interval_s=0.02) and engine.vocabulary.ref == "live@1"
         assert watcher.metrics.vocab_refused.labels(reason="checksum")._value.get() == 1
     finally:
         watcher.stop()

@@ -188,12 +188,3 @@ def leave_group(settings: Settings, replicas: int) -> None:
         log.info("fleet.left_group", group=k.group_id, members={m: e.__name__ for m, e in answers.items()})
     except Exception as exc:  # the broker away: the members expire after session_timeout_ms anyway
         log.warning("fleet.leave_group_failed", group=k.group_id, error=f"{type(exc).__name__}: {exc}")
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()

@@ -1,14 +1,12 @@
-"""The pipeline without servers: requests from a list, results and dead letters kept in memory or files.
+"""The pipeline without servers, for unit tests: requests from a list, results and dead letters in memory.
 
-For `ramplus tag`-style local runs and unit tests. Same pipeline, same messages, same commit rules.
+Same pipeline, same messages, same commit rules as the Kafka/S3 fleet.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 
 from workers.stream.records import Record, TopicPartition
 from workers.schemas import DeadLetter, TagRequest, TagResult
@@ -82,24 +80,6 @@ class MemorySink:
         return [r for _, rs in self.writes for r in rs]
 
 
-class JsonLinesDirSink:
-    """One JSON-lines file per write, named like the S3 objects (a rewrite replaces the same file)."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
-        topic, partition = tp
-        if results[0].source is None or results[-1].source is None:
-            raise ValueError("stream results must carry their source offsets")
-        first, last = results[0].source.offset, results[-1].source.offset
-        path = self.directory / f"{topic}-{partition:05d}-{first:020d}-{last:020d}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(r.model_dump_json() + "\n" for r in results))
-        tmp.replace(path)
-
-
 class MemoryDeadLetters:
     def __init__(self) -> None:
         self.letters: list[DeadLetter] = []
@@ -111,7 +91,3 @@ class MemoryDeadLetters:
 
     def kinds(self) -> dict[str | None, str]:
         return {letter.id: letter.error.kind.value for letter in self.letters}
-
-
-def read_json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
