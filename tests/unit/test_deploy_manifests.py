@@ -159,7 +159,7 @@ def test_the_fleet_exposes_its_metrics_where_prometheus_scrapes_them():
 
 
 def test_the_dashboard_graphs_only_metrics_the_fleet_exports():
-    from workers.stream.metrics import ReplicaMetrics
+    from workers.metrics import ReplicaMetrics
 
     exported = {m.name for m in ReplicaMetrics().registry.collect()}
     dashboard = json.loads((ROOT / "infra" / "grafana" / "ramplus-fleet.json").read_text())

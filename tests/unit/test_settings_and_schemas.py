@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from workers.errors import ErrorKind, InputError
-from workers.stream.metrics import FleetCollector, ReplicaMetrics
+from workers.metrics import FleetCollector, ReplicaMetrics
 from workers.stream.producer import file_uri, iter_uris, stable_id
 from workers.stream.s3_sink import S3ResultSink
 from workers.schemas import TagRequest

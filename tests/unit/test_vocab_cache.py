@@ -14,7 +14,7 @@ from ramplus_core import Vocabulary, select_tags
 from ramplus_core.errors import VocabularyError
 from workers.stream.engine import TaggingEngine
 from workers.errors import ErrorKind, InputError
-from workers.stream.metrics import ReplicaMetrics
+from workers.metrics import ReplicaMetrics
 from workers.vocab.cache import VocabularyCache
 from workers.vocab.store import VocabStore
 

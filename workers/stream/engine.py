@@ -23,7 +23,7 @@ from ramplus_core.tagger import PRECISIONS
 from ramplus_core.tagging import ImageTags, select_tags
 from ramplus_core.vocabulary import Vocabulary
 from workers.errors import ErrorKind, InputError, input_error_from
-from workers.stream.metrics import ReplicaMetrics
+from workers.metrics import ReplicaMetrics
 from workers.vocab.cache import VocabularyCache
 
 

@@ -16,7 +16,7 @@ import ray
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from workers.stream.metrics import FleetCollector
+from workers.metrics import FleetCollector
 from workers.stream.replica import ReplicaActor
 from workers.settings import Settings
 

@@ -28,7 +28,7 @@ from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTopicPartition
 
 from workers.errors import DeadLetterRefused
-from workers.stream.metrics import ReplicaMetrics
+from workers.metrics import ReplicaMetrics
 from workers.stream.offsets import DeliveryGuard
 from workers.stream.records import Record, TopicPartition
 from workers.schemas import DeadLetter

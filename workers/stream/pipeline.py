@@ -39,7 +39,7 @@ import torch
 
 from ramplus_core.tagging import ImageTags
 from workers.errors import DeadLetterRefused, ErrorKind, InputError, SourceUnavailable
-from workers.stream.metrics import ReplicaMetrics
+from workers.metrics import ReplicaMetrics
 from workers.stream.offsets import OffsetTracker
 from workers.stream.records import Record, TopicPartition
 from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_REQUEST_BYTES, DeadLetter, TagRequest, TagResult

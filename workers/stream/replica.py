@@ -24,7 +24,7 @@ from workers.stream.engine import TaggingEngine
 from workers.io.fetchers import UriFetcher
 from workers.stream.kafka_codecs import check_codecs
 from workers.stream.kafka_io import KafkaDeadLetters, KafkaSource
-from workers.stream.metrics import ReplicaMetrics
+from workers.metrics import ReplicaMetrics
 from workers.stream.pipeline import StreamPipeline
 from workers.stream.s3_sink import S3ResultSink
 from workers.settings import Settings

@@ -23,7 +23,7 @@ from ramplus_core.errors import VocabularyError
 from ramplus_core.model import VocabularyTensors
 from ramplus_core.vocabulary import Vocabulary
 from workers.errors import ErrorKind, InputError
-from workers.stream.metrics import ReplicaMetrics
+from workers.metrics import ReplicaMetrics
 
 log = structlog.get_logger("ramplus.vocab")
 

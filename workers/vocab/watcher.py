@@ -22,7 +22,7 @@ import structlog
 
 from ramplus_core.errors import VocabularyError
 from ramplus_core.vocabulary import Vocabulary
-from workers.stream.metrics import ReplicaMetrics
+from workers.metrics import ReplicaMetrics
 from workers.vocab.store import EVENTS, VocabStore
 
 log = structlog.get_logger("ramplus.vocab")
