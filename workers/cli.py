@@ -229,7 +229,7 @@ def produce(
     settings = _settings(config, kafka__topic=topic)
     s3 = None
     if any(i.startswith("s3://") for i in inputs):
-        from workers.stream.s3_sink import s3_client
+        from workers.io.s3 import s3_client
 
         s3 = s3_client(settings.s3)
     try:

@@ -161,21 +161,6 @@ def start_stack(stack: ModuleType, config: Any) -> list[str]:
     return [s for s in ("kafka", "redis", "s3") if s not in before]
 
 
-def s3_client(settings: Any) -> Any:
-    from workers.stream.s3_sink import s3_client as make
-
-    return make(settings.s3)
-
-
-def ensure_bucket(client: Any) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        client.head_bucket(Bucket=BUCKET)
-    except ClientError:  # 404 on a fresh stack; anything else (credentials) fails again, clearly, right here
-        client.create_bucket(Bucket=BUCKET)
-
-
 def exists(client: Any, key: str) -> bool:
     return bool(client.list_objects_v2(Bucket=BUCKET, Prefix=key, MaxKeys=1).get("KeyCount", 0))
 
@@ -477,8 +462,10 @@ def run_demo(
             fetch=FetchSettings(s3_buckets=[BUCKET], http_hosts=[], timeout_s=5, attempts=2),
             fleet=FleetSettings(replicas=2, cpus_per_replica=0.5, batch_size=16, max_batch_wait_s=0.05, metrics_port=0),
         )
-        client = s3_client(settings)
-        ensure_bucket(client)
+        from workers.io.s3 import ensure_bucket, s3_client
+
+        client = s3_client(settings.s3)
+        ensure_bucket(client, BUCKET)
 
         with timings.phase("ray"):
             head = LocalRay.start(num_cpus=4)

@@ -400,7 +400,7 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
     from tqdm import tqdm
 
     from workers.stream.replica import load_model
-    from workers.stream.s3_sink import s3_client
+    from workers.io.s3 import s3_client
 
     b = settings.backfill
     if not b.input or not b.output:

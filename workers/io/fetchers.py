@@ -51,6 +51,7 @@ from tenacity import (
 )
 
 from workers.errors import ErrorKind, InputError, SourceUnavailable
+from workers.io.s3 import s3_client
 from workers.settings import FetchSettings, S3Settings
 
 log = structlog.get_logger("ramplus.fetch")
@@ -113,26 +114,6 @@ def _with_retries(uri: str, attempts: int, wait_s: float, action: Callable[[], b
 # ------------------------------------------------------------------------------------------------- S3
 
 
-def make_s3_client(s3: S3Settings, fetch: FetchSettings) -> Any:
-    """A boto3 S3 client for fetching; credentials come from the standard AWS chain, never from settings."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.session.Session().client(  # own session: the default one is not thread-safe to create clients
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        region_name=s3.region,
-        config=Config(
-            # botocore's own retries off: tenacity retries, so RAMPLUS_FETCH__ATTEMPTS means total tries.
-            retries={"mode": "standard", "total_max_attempts": 1},
-            connect_timeout=fetch.timeout_s,
-            read_timeout=fetch.timeout_s,
-            max_pool_connections=max(10, fetch.concurrency),
-            s3={"addressing_style": "path"} if s3.endpoint_url else None,  # local servers have no bucket DNS
-        ),
-    )
-
-
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key), key verbatim (see the module docstring)."""
     scheme, sep, rest = uri.partition("://")
@@ -156,7 +137,10 @@ class S3Fetcher:
     ) -> None:
         self.settings = fetch
         self.owns_client = client is None
-        self.client = client if client is not None else make_s3_client(s3 or S3Settings(), fetch)
+        self.client = client if client is not None else s3_client(
+            # botocore's own retries off: tenacity retries, so RAMPLUS_FETCH__ATTEMPTS means total tries.
+            s3 or S3Settings(), pool=max(10, fetch.concurrency), timeout_s=fetch.timeout_s, attempts=1,
+        )
         self.retry_wait_s = retry_wait_s
 
     def fetch(self, uri: str) -> bytes:

@@ -12,41 +12,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import boto3
 import structlog
-from botocore.config import Config
 
+from workers.io.s3 import ensure_bucket, s3_client
 from workers.stream.records import TopicPartition
 from workers.schemas import TagResult
 from workers.settings import S3Settings
 
 log = structlog.get_logger("ramplus.s3")
-
-
-def s3_client(settings: S3Settings, *, pool: int = 16, timeout_s: float = 30.0) -> Any:
-    """boto3 client for `settings`; credentials from the standard AWS chain (never from our settings)."""
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.endpoint_url,
-        region_name=settings.region,
-        config=Config(
-            retries={"mode": "standard", "max_attempts": 5},
-            connect_timeout=timeout_s,
-            read_timeout=timeout_s,
-            max_pool_connections=pool,
-            s3={"addressing_style": "path"} if settings.endpoint_url else None,
-        ),
-    )
-
-
-def ensure_bucket(client: Any, bucket: str) -> None:
-    try:
-        client.head_bucket(Bucket=bucket)
-    except client.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-            raise
-        client.create_bucket(Bucket=bucket)
-        log.info("s3.bucket_created", bucket=bucket)
 
 
 class S3ResultSink:

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from workers.stream.s3_sink import s3_client
+from workers.io.s3 import s3_client
 from workers.settings import S3Settings
 
 log = structlog.get_logger("ramplus.artifacts")

@@ -46,7 +46,7 @@ def synth(
             _fail(f"bad settings: {exc}")
     try:
         if s3 is not None and create_bucket:
-            from workers.stream.s3_sink import ensure_bucket, s3_client
+            from workers.io.s3 import ensure_bucket, s3_client
 
             ensure_bucket(s3_client(s3), out[len("s3://"):].split("/", 1)[0])
         summary = write_dataset(out, n=n, seed=seed, size=size, val_fraction=val_fraction, s3=s3)

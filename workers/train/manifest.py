@@ -71,7 +71,7 @@ def resolve_uri(manifest: str | Path, uri: str) -> str:
 def _client(s3: S3Settings | None, client: Any) -> Any:
     if client is not None:
         return client
-    from workers.stream.s3_sink import s3_client
+    from workers.io.s3 import s3_client
 
     return s3_client(s3 or S3Settings())
 

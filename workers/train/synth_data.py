@@ -114,7 +114,7 @@ class _S3Writer:
     """PUTs on a thread pool; at most ``2 * workers`` bodies wait in memory, the first failure is raised."""
 
     def __init__(self, out: str, s3: S3Settings | None, client: Any, workers: int) -> None:
-        from workers.stream.s3_sink import s3_client
+        from workers.io.s3 import s3_client
 
         self.bucket, prefix = split_s3_uri(out)
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"

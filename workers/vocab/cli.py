@@ -49,7 +49,7 @@ def _local_copy(location: str) -> Path:
         return Path(location)
     import tempfile
 
-    from workers.stream.s3_sink import s3_client
+    from workers.io.s3 import s3_client
     from workers.settings import Settings
 
     bucket, _, key = location[len("s3://"):].partition("/")
