@@ -1,0 +1,1 @@
+"""Ray job entry points (`ray job submit ... python jobs/<name>.py`): thin drivers over `workers`."""
