@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -54,3 +55,16 @@ def test_a_planted_breach_fails_the_check_and_names_its_contract(project_copy, w
     assert done.returncode != 0
     broken = done.stdout[done.stdout.index("Broken contracts"):]
     assert contract in broken and "_probe" in broken, done.stdout
+
+
+def test_the_readme_layout_names_every_package_and_only_real_ones():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    block = layout[layout.index("```") + 3:]
+    block = block[:block.index("```")]
+    named = set(re.findall(r"^  (\w+)/ ", block, re.MULTILINE))  # the indented entries: workers' packages
+    packages = {p.parent.name for p in (ROOT / "workers").glob("*/__init__.py")}
+    assert named == packages
+    for top in ("cli.py", "settings.py", "schemas.py", "errors.py", "logs.py", "metrics.py"):
+        assert (ROOT / "workers" / top).exists() and top in block
+    assert set((ROOT / "workers").glob("*.py")) - {ROOT / "workers" / t for t in ("__init__.py", "cli.py", "settings.py", "schemas.py", "errors.py", "logs.py", "metrics.py")} == set()
