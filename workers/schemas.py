@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -30,6 +30,31 @@ MAX_ERROR_MESSAGE = 4096
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")  # escaped as \u00XX in JSON: six bytes for one
 
 
+class VocabRef(NamedTuple):
+    """`name` or `name@version`: how requests, the CLI and the jobs name a vocabulary. Parsed only here."""
+
+    name: str
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> VocabRef:
+        """Raises ValueError (callers turn it into their own error) unless `text` is `name[@version]`, each part
+        1-200 characters without ':' (the Redis key separator) or '@'."""
+        name, at, version = text.partition("@")
+        if not cls._valid(name) or (at and not cls._valid(version)):
+            raise ValueError(
+                f"vocabulary {text!r}: expected 'name' or 'name@version' (each 1-200 characters, no ':' or '@')"
+            )
+        return cls(name, version or None)
+
+    @staticmethod
+    def _valid(part: str) -> bool:
+        return 0 < len(part) <= 200 and ":" not in part and "@" not in part
+
+    def __str__(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -41,11 +66,13 @@ class TagRequest(BaseModel):
 
     id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="The producer's id; results carry it back.")
     uri: str = Field(min_length=1, max_length=4096, description="s3://bucket/key, https://host/path or file:///path")
-    vocab: str | None = Field(
-        default=None, pattern=r"^[^:@]{1,200}(@[^:@]{1,200})?$",
-        description="name or name@version; default: the replica's active one",
-    )
+    vocab: str | None = Field(default=None, description="name or name@version; default: the replica's active one")
     meta: dict[str, Any] | None = Field(default=None, description="Copied into the result untouched.")
+
+    @field_validator("vocab")
+    @classmethod
+    def _vocab_ref(cls, vocab: str | None) -> str | None:
+        return None if vocab is None else str(VocabRef.parse(vocab))
 
     @field_validator("uri")
     @classmethod

@@ -100,3 +100,26 @@ def test_the_readme_lists_every_fleet_setting_as_the_code_defines_it():
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert settings_table() in readme, "README is stale: paste the output of `ramplus settings`"
+
+
+@pytest.mark.parametrize("text", ["", "@v1", "a@", "a@b@c", "a:b", "a@v:1", "x" * 201, "a@" + "v" * 201])
+def test_a_vocabulary_ref_is_parsed_in_one_place_and_refused_alike_everywhere(text):
+    from workers.errors import InputError
+    from workers.schemas import TagRequest, VocabRef
+    from workers.vocab.store import VocabStoreError, parse_ref
+
+    with pytest.raises(ValueError, match="expected 'name' or 'name@version'"):
+        VocabRef.parse(text)
+    with pytest.raises(VocabStoreError, match="expected 'name' or 'name@version'"):
+        parse_ref(text)
+    with pytest.raises(InputError) as info:
+        TagRequest.parse(json.dumps({"id": "a", "uri": "s3://b/k.jpg", "vocab": text}).encode())
+    assert info.value.kind.value == "validation"
+
+
+@pytest.mark.parametrize(("text", "parts"), [("coco", ("coco", None)), ("coco@v2", ("coco", "v2")), ("a b@2026-12-05T10.00", ("a b", "2026-12-05T10.00"))])
+def test_a_vocabulary_ref_parses_and_prints_back(text, parts):
+    from workers.schemas import VocabRef
+
+    ref = VocabRef.parse(text)
+    assert tuple(ref) == parts and str(ref) == text

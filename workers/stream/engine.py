@@ -23,6 +23,7 @@ from ramplus_core.tagger import PRECISIONS
 from ramplus_core.tagging import ImageTags, select_tags
 from ramplus_core.vocabulary import Vocabulary
 from workers.errors import ErrorKind, InputError, input_error_from
+from workers.schemas import VocabRef
 from workers.metrics import ReplicaMetrics
 from workers.vocab.cache import VocabularyCache
 
@@ -124,9 +125,10 @@ class TaggingEngine:
 
         Raises InputError (VALIDATION for a vocabulary that cannot be served, FETCH while the store is away).
         """
-        name, _, version = ref.partition("@")
-        if not name or "@" in version:
-            raise InputError(ErrorKind.VALIDATION, f"vocabulary {ref!r}: expected 'name' or 'name@version'")
+        try:
+            name, version = VocabRef.parse(ref)
+        except ValueError as exc:
+            raise InputError(ErrorKind.VALIDATION, str(exc)) from None
         with self._vocab_lock:
             active = self.model.vocabulary_tensors
         assert active is not None

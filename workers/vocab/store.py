@@ -27,6 +27,7 @@ import torch
 
 from ramplus_core.errors import VocabularyError
 from ramplus_core.vocabulary import Vocabulary
+from workers.schemas import VocabRef
 
 PREFIX = "ramplus:vocab"
 EVENTS = f"{PREFIX}:events"
@@ -40,15 +41,17 @@ class VocabStoreError(VocabularyError):
 
 
 def _check_part(kind: str, value: str) -> str:
-    if not value or ":" in value or len(value) > 200:
-        raise VocabStoreError(f"invalid vocabulary {kind} {value!r}: 1-200 characters, no ':'")
+    if not VocabRef._valid(value):
+        raise VocabStoreError(f"invalid vocabulary {kind} {value!r}: 1-200 characters, no ':' or '@'")
     return value
 
 
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """'name' or 'name@version'."""
-    name, _, version = ref.partition("@")
-    return _check_part("name", name), (_check_part("version", version) if version else None)
+def parse_ref(ref: str) -> VocabRef:
+    """'name' or 'name@version' (VocabRef.parse), as the store's own error."""
+    try:
+        return VocabRef.parse(ref)
+    except ValueError as exc:
+        raise VocabStoreError(str(exc)) from None
 
 
 class VocabStore:
