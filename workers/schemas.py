@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ramplus_core.tagging import TagScore
+from ramplus_core.tagging import ImageTags, TagScore
 from workers.errors import ErrorKind, InputError
 
 SCHEMES = ("s3", "https", "http", "file")
@@ -175,6 +175,14 @@ class TagResult(BaseModel):
     worker: str
     source: SourceRef | None = Field(default=None, description="The request's topic position (stream); none in a backfill")
     meta: dict[str, Any] | None = None
+
+    @classmethod
+    def of(
+        cls, tagged: ImageTags, *, id: str, uri: str, model: str, worker: str,  # noqa: A002 - the field's name
+        source: SourceRef | None = None, meta: dict[str, Any] | None = None,
+    ) -> TagResult:
+        """The result line for one image the engine tagged: the one builder of the stream and the backfill."""
+        return cls(id=id, uri=uri, tags=tagged.tags, vocab=tagged.vocab, model=model, worker=worker, source=source, meta=meta)
 
 
 class ErrorInfo(BaseModel):

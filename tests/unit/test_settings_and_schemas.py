@@ -123,3 +123,15 @@ def test_a_vocabulary_ref_parses_and_prints_back(text, parts):
 
     ref = VocabRef.parse(text)
     assert tuple(ref) == parts and str(ref) == text
+
+
+def test_one_result_line_builder_for_the_stream_and_the_backfill():
+    from ramplus_core.tagging import ImageTags, TagScore
+    from workers.schemas import SourceRef, TagResult
+
+    tagged = ImageTags(tags=[TagScore(tag="cat", score=0.9)], vocab="coco@2", scores={"cat": 0.9, "dog": 0.1})
+    line = json.loads(TagResult.of(
+        tagged, id="r1", uri="s3://b/k.jpg", model="tiny@64", worker="w", source=SourceRef(topic="t", partition=1, offset=7),
+    ).model_dump_json())
+    assert line["tags"] == [{"tag": "cat", "score": 0.9}] and line["vocab"] == "coco@2" and "scores" not in line
+    assert line["source"] == {"topic": "t", "partition": 1, "offset": 7} and line["meta"] is None

@@ -214,9 +214,8 @@ class BackfillTagger:
                     rows[i]["error_kind"] = ErrorKind.INTERNAL.value
                     continue
                 uri = self._uri(r)
-                lines[i] = TagResult(
-                    id=uri, uri=uri, tags=tags.tags, vocab=tags.vocab, model=self.engine.model_id, worker=self.worker,
-                    source=None, meta={"size": r["size"], "etag": r["etag"]},
+                lines[i] = TagResult.of(
+                    tags, id=uri, uri=uri, model=self.engine.model_id, worker=self.worker, meta={"size": r["size"], "etag": r["etag"]},
                 ).model_dump_json()
         return pa.table({
             "shard": [r["shard"] for r in rows], "key": [r["key"] for r in rows],

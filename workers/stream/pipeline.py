@@ -402,9 +402,9 @@ class StreamPipeline:
         by_partition: dict[TopicPartition, list[tuple[Prepared, TagResult]]] = {}
         for prepared, tags in item:
             record, request = prepared.record, prepared.request
-            result = TagResult(
-                id=request.id, uri=request.uri, tags=tags.tags, vocab=tags.vocab, model=self.engine.model_id,
-                worker=self.worker, source=record.source, meta=request.meta,
+            result = TagResult.of(
+                tags, id=request.id, uri=request.uri, model=self.engine.model_id, worker=self.worker,
+                source=record.source, meta=request.meta,
             )
             try:
                 # The sink serialises it again; a result that cannot be serialised would fail the write for ever.
