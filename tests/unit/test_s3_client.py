@@ -29,3 +29,32 @@ def test_the_fetcher_leaves_retries_to_its_own_attempts_setting(monkeypatch):
         assert config.s3 is None  # AWS itself: virtual-hosted buckets
     finally:
         fetcher.close()
+
+
+def test_one_s3_uri_parser_behind_every_callers_own_error():
+    import pytest
+
+    from workers.backfill.plan import split_s3_prefix
+    from workers.errors import ErrorKind, InputError
+    from workers.io.fetchers import split_s3_uri as fetcher_split
+    from workers.io.s3 import S3UriError, parse_s3_uri
+    from workers.train.artifacts import ArtifactError
+    from workers.train.artifacts import split_s3_uri as artifact_split
+    from workers.train.manifest import ManifestError
+    from workers.train.manifest import split_s3_uri as manifest_split
+
+    assert parse_s3_uri("S3://b//k/../x%20") == ("b", "/k/../x%20")  # keys verbatim
+    assert parse_s3_uri("s3://b") == ("b", "")
+    for bad, reason in [("http://b/k", "scheme"), ("s3://u:p@b/k", "credentials"), ("s3:///k", "bucket")]:
+        with pytest.raises(S3UriError) as info:
+            parse_s3_uri(bad)
+        assert info.value.reason == reason
+        for split, error in [(artifact_split, ArtifactError), (manifest_split, ManifestError), (split_s3_prefix, ValueError)]:
+            with pytest.raises(error, match=str(info.value).split(";")[0]):
+                split(bad)
+        with pytest.raises(InputError) as fetch:
+            fetcher_split(bad)
+        assert fetch.value.kind is (ErrorKind.FORBIDDEN if reason == "credentials" else ErrorKind.VALIDATION)
+        assert "u:p" not in str(fetch.value)  # redacted
+    with pytest.raises(S3UriError, match="no key"):
+        parse_s3_uri("s3://b/", key_required=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.errors import ErrorKind
+from workers.io.s3 import S3UriError, parse_s3_uri
 
 RESULTS, ERRORS = "results/", "errors/"
 TRANSIENT_KINDS = frozenset({ErrorKind.FETCH.value, ErrorKind.INTERNAL.value})
@@ -35,13 +36,10 @@ MAX_SHARD_FACTOR = 4
 
 def split_s3_prefix(uri: str, what: str = "--input") -> tuple[str, str]:
     """`s3://bucket[/prefix]` -> (bucket, prefix); the prefix is used verbatim (no implied '/')."""
-    scheme, sep, rest = uri.partition("://")
-    if scheme.lower() != "s3" or not sep:
-        raise ValueError(f"{what} {uri!r}: expected s3://bucket/prefix")
-    bucket, _, prefix = rest.partition("/")
-    if not bucket or "@" in bucket:
-        raise ValueError(f"{what} {uri!r}: expected s3://bucket/prefix")
-    return bucket, prefix
+    try:
+        return parse_s3_uri(uri)
+    except S3UriError as exc:
+        raise ValueError(f"{what} {uri!r}: expected s3://bucket/prefix ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)

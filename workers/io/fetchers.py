@@ -51,7 +51,7 @@ from tenacity import (
 )
 
 from workers.errors import ErrorKind, InputError, SourceUnavailable
-from workers.io.s3 import s3_client
+from workers.io.s3 import S3UriError, parse_s3_uri, s3_client
 from workers.settings import FetchSettings, S3Settings
 
 log = structlog.get_logger("ramplus.fetch")
@@ -116,17 +116,11 @@ def _with_retries(uri: str, attempts: int, wait_s: float, action: Callable[[], b
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key), key verbatim (see the module docstring)."""
-    scheme, sep, rest = uri.partition("://")
-    if scheme.lower() != "s3" or not sep:
-        raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: not an s3:// URI")
-    bucket, _, key = rest.partition("/")
-    if "@" in bucket:
-        raise InputError(ErrorKind.FORBIDDEN, f"{redact(uri)}: credentials in URIs are not allowed")
-    if not bucket:
-        raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: no bucket; expected s3://bucket/key")
-    if not key:
-        raise InputError(ErrorKind.VALIDATION, f"{redact(uri)}: no key; expected s3://bucket/key")
-    return bucket, key
+    try:
+        return parse_s3_uri(uri, key_required=True)
+    except S3UriError as exc:
+        kind = ErrorKind.FORBIDDEN if exc.reason == "credentials" else ErrorKind.VALIDATION
+        raise InputError(kind, f"{redact(uri)}: {exc}") from None
 
 
 class S3Fetcher:

@@ -41,3 +41,28 @@ def ensure_bucket(client: Any, bucket: str) -> None:
         if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
             raise
         client.create_bucket(Bucket=bucket)
+
+
+class S3UriError(ValueError):
+    """Not an `s3://bucket[/key]` URI. `reason`: 'scheme', 'credentials', 'bucket' or 'key'; the message
+    does not repeat the URI, so that each caller can name it (redacted, or as its option) in its own error."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_s3_uri(uri: str, *, key_required: bool = False) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key). The key is verbatim (S3 keys may hold '//', '..', '%'); it may be
+    empty (a whole bucket, or a prefix) unless `key_required`. The scheme is case-insensitive."""
+    scheme, sep, rest = uri.partition("://")
+    if scheme.lower() != "s3" or not sep:
+        raise S3UriError("not an s3:// URI", "scheme")
+    bucket, _, key = rest.partition("/")
+    if "@" in bucket:
+        raise S3UriError("credentials in URIs are not allowed", "credentials")
+    if not bucket:
+        raise S3UriError("no bucket; expected s3://bucket/key", "bucket")
+    if key_required and not key:
+        raise S3UriError("no key; expected s3://bucket/key", "key")
+    return bucket, key

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from kafka import KafkaProducer
 
+from workers.io.s3 import parse_s3_uri
 from workers.schemas import TagRequest
 from workers.settings import KafkaSettings
 
@@ -29,7 +30,7 @@ def iter_uris(inputs: Iterable[str], *, s3: Any = None) -> Iterator[str]:
     """URIs as given; local files as file:// URIs; folders walked for images; `s3://bucket/prefix/` listed."""
     for item in inputs:
         if item.startswith("s3://") and (item.endswith("/") or "/" not in item[5:]):  # a prefix, not an object
-            bucket, _, prefix = item[5:].partition("/")
+            bucket, prefix = parse_s3_uri(item)
             if s3 is None:
                 raise ValueError(f"{item}: listing an S3 prefix needs an S3 client")
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from workers.io.s3 import s3_client
+from workers.io.s3 import S3UriError, parse_s3_uri, s3_client
 from workers.settings import S3Settings
 
 log = structlog.get_logger("ramplus.artifacts")
@@ -31,12 +31,10 @@ class ArtifactError(RuntimeError):
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise ArtifactError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket:
-        raise ArtifactError(f"no bucket in {uri!r}")
-    return bucket, key
+    try:
+        return parse_s3_uri(uri)
+    except S3UriError as exc:
+        raise ArtifactError(f"{uri!r}: {exc}") from None
 
 
 def _sha256(path: Path) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ramplus_core.errors import RamPlusError
+from workers.io.s3 import S3UriError, parse_s3_uri
 from workers.settings import S3Settings
 
 __all__ = ["ManifestError", "ManifestRecord", "read_manifest", "resolve_uri", "split_s3_uri", "write_manifest"]
@@ -52,10 +53,10 @@ class ManifestRecord(BaseModel):
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/key`` -> ``(bucket, key)``; the key may be empty (a whole bucket)."""
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not uri.startswith("s3://") or not bucket:
-        raise ManifestError(f"{uri}: not an s3://bucket/key URI")
-    return bucket, key
+    try:
+        return parse_s3_uri(uri)
+    except S3UriError as exc:
+        raise ManifestError(f"{uri}: {exc}") from None
 
 
 def resolve_uri(manifest: str | Path, uri: str) -> str:

@@ -49,10 +49,13 @@ def _local_copy(location: str) -> Path:
         return Path(location)
     import tempfile
 
-    from workers.io.s3 import s3_client
+    from workers.io.s3 import S3UriError, parse_s3_uri, s3_client
     from workers.settings import Settings
 
-    bucket, _, key = location[len("s3://"):].partition("/")
+    try:
+        bucket, key = parse_s3_uri(location, key_required=True)
+    except S3UriError as exc:
+        _fail(f"{location}: {exc}")
     target = Path(tempfile.mkdtemp(prefix="ramplus-vocab-")) / (key.rsplit("/", 1)[-1] or "descriptions.json")
     try:
         s3_client(Settings.load().s3).download_file(bucket, key, str(target))
