@@ -73,6 +73,14 @@ def _swin(name: str, image_size: int, embed_dim: int, num_heads: tuple[int, ...]
     )
 
 
+def _tiny(image_size: int) -> ModelConfig:
+    """For tests and CPU benchmarks: real shifted windows in the first stages, seconds to run."""
+    return ModelConfig(
+        name="tiny", image_size=image_size, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
+        decoder_dim=64, decoder_heads=4, decoder_ffn_dim=128,
+    )
+
+
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     c.key: c
     for c in (
@@ -80,29 +88,8 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         _swin("swin_l", 224, 192, (6, 12, 24, 48)),
         _swin("swin_b", 384, 128, (4, 8, 16, 32)),
         _swin("swin_b", 224, 128, (4, 8, 16, 32)),
-        # Tiny configs for tests and CPU benchmarks: real shifted windows in the first stages, seconds to run.
-        ModelConfig(
-            name="tiny",
-            image_size=64,
-            embed_dim=32,
-            depths=(2, 2, 2, 2),
-            num_heads=(1, 2, 4, 8),
-            window_size=4,
-            decoder_dim=64,
-            decoder_heads=4,
-            decoder_ffn_dim=128,
-        ),
-        ModelConfig(
-            name="tiny",
-            image_size=128,
-            embed_dim=32,
-            depths=(2, 2, 2, 2),
-            num_heads=(1, 2, 4, 8),
-            window_size=4,
-            decoder_dim=64,
-            decoder_heads=4,
-            decoder_ffn_dim=128,
-        ),
+        _tiny(64),
+        _tiny(128),
     )
 }
 
