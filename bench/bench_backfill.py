@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_fleet import bare_loop, load_stack, make_jpegs, make_model_dir  # noqa: E402
+from bench_fleet import bare_loop, make_jpegs, make_model_dir  # noqa: E402
 
 
 def main() -> None:
@@ -46,11 +46,9 @@ def main() -> None:
     from workers.backfill.run import run_backfill
     from workers.settings import BackfillSettings, FetchSettings, ModelSettings, S3Settings, Settings
 
-    stack = load_stack()
-    cfg = stack.StackConfig.from_env()
-    stack.up(cfg)
-    env = stack.env(cfg)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    from infra.local.kit import local_stack
+
+    env = local_stack()
     endpoint = env["RAMPLUS_S3__ENDPOINT_URL"]
     s3 = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
     bucket = f"bench-backfill-{uuid.uuid4().hex[:8]}"

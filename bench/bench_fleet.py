@@ -85,11 +85,9 @@ def main() -> None:
     from workers.stream.fleet import Fleet
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
 
-    from infra.local import stack
-    cfg = stack.StackConfig.from_env()
-    stack.up(cfg)
-    env = stack.env(cfg)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    from infra.local.kit import local_stack
+
+    env = local_stack()
     bootstrap, endpoint = env["RAMPLUS_KAFKA__BOOTSTRAP_SERVERS"], env["RAMPLUS_S3__ENDPOINT_URL"]
 
     jpegs = make_jpegs(args.images)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,9 +27,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_fleet import load_stack, make_jpegs  # noqa: E402
+from bench_fleet import make_jpegs  # noqa: E402
 
 
 def replica_figures(expositions: dict[str, bytes]) -> dict[str, float]:
@@ -67,11 +67,9 @@ def main() -> None:
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
     from workers.vocab.store import VocabStore
 
-    stack = load_stack()
-    cfg = stack.StackConfig.from_env()
-    stack.up(cfg)
-    env = stack.env(cfg)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    from infra.local.kit import local_stack
+
+    env = local_stack()
     bootstrap, endpoint, redis_url = env["RAMPLUS_KAFKA__BOOTSTRAP_SERVERS"], env["RAMPLUS_S3__ENDPOINT_URL"], env["RAMPLUS_REDIS__URL"]
 
     run = uuid.uuid4().hex[:8]

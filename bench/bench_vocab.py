@@ -34,14 +34,14 @@ def main() -> None:
     parser.add_argument("--descriptions", type=int, default=51)
     args = parser.parse_args()
 
-    from infra.local import stack
-    cfg = stack.StackConfig.from_env()
-    stack.up(cfg, ["redis"])
+    from infra.local.kit import local_stack
+
+    env = local_stack(["redis"])
 
     from ramplus_core import Vocabulary
     from workers.vocab.store import VocabStore
 
-    client = redis.Redis.from_url(stack.env(cfg)["RAMPLUS_REDIS__URL"])
+    client = redis.Redis.from_url(env["RAMPLUS_REDIS__URL"])
     store = VocabStore(client)
     name = f"bench-{int(time.time())}"
     torch.manual_seed(0)

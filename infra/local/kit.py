@@ -22,3 +22,17 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: fl
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+def local_stack(services: list[str] | None = None) -> dict[str, str]:
+    """Bring the local stack up (all of it, or `services`), export its AWS_* credentials into this process
+    (boto3's standard chain finds them, as in production) and return its environment: the RAMPLUS_* addresses."""
+    import os
+
+    from infra.local import stack
+
+    config = stack.StackConfig.from_env()
+    stack.up(config, services)
+    env = stack.env(config)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    return env
