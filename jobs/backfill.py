@@ -47,10 +47,9 @@ def main(
         "shard_size": shard_size, "format": format, "replicas": replicas, "decode_tasks": decode_tasks,
     }
     try:
-        settings = Settings.load(config)
-        backfill = settings.backfill.model_validate({**settings.backfill.model_dump(), **{k: v for k, v in given.items() if v}})
-        model = settings.model.model_copy(update={"checkpoint": checkpoint}) if checkpoint else settings.model
-        settings = settings.model_copy(update={"backfill": backfill, "model": model})
+        settings = Settings.load(config).with_overrides(
+            model__checkpoint=checkpoint, **{f"backfill__{k}": v for k, v in given.items()},
+        )
         summary = run_backfill(settings, progress=progress)
     except BackfillInterrupted as exc:
         typer.echo(exc.summary.model_dump_json(), err=False)

@@ -149,14 +149,9 @@ def _settings(config: Optional[Path], **overrides: object):
     from workers.settings import Settings
 
     try:
-        settings = Settings.load(config)
+        return Settings.load(config).with_overrides(**overrides)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         _fail(f"bad settings: {exc}")
-    for dotted, value in overrides.items():
-        if value is not None:
-            section, field = dotted.split("__")
-            setattr(getattr(settings, section), field, value)
-    return settings
 
 
 @app.command()

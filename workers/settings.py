@@ -223,6 +223,19 @@ class Settings(BaseSettings):
         finally:
             cls.config_file = previous
 
+    def with_overrides(self, **dotted: Any) -> Settings:
+        """A copy with `section__field=value` overrides (command-line options), validated like everything else;
+        None leaves a setting as it is. The one way the CLI and the jobs override settings."""
+        data = self.model_dump()
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            section, _, name = key.partition("__")
+            if section not in data or name not in data[section]:
+                raise ValueError(f"unknown setting {key!r}: expected section__field, e.g. fleet__replicas")
+            data[section][name] = value
+        return type(self).model_validate(data)
+
 
 def settings_table() -> str:
     """The README's fleet configuration table, generated from the models above (docs that match the code)."""

@@ -135,3 +135,20 @@ def test_one_result_line_builder_for_the_stream_and_the_backfill():
     ).model_dump_json())
     assert line["tags"] == [{"tag": "cat", "score": 0.9}] and line["vocab"] == "coco@2" and "scores" not in line
     assert line["source"] == {"topic": "t", "partition": 1, "offset": 7} and line["meta"] is None
+
+
+def test_overrides_are_validated_like_every_other_setting():
+    from pydantic import ValidationError
+
+    from workers.settings import Settings
+
+    base = Settings()
+    changed = base.with_overrides(fleet__replicas=3, kafka__topic="t2", fleet__ray_address=None)
+    assert (changed.fleet.replicas, changed.kafka.topic) == (3, "t2") and base.kafka.topic != "t2"  # a copy
+    assert changed.fleet.ray_address == base.fleet.ray_address  # None keeps
+    with pytest.raises(ValidationError):
+        base.with_overrides(fleet__replicas=0)  # a setattr would have let it through
+    with pytest.raises(ValidationError):  # cross-field rules run too
+        base.with_overrides(fleet__drain_timeout_s=10_000)
+    with pytest.raises(ValueError, match="unknown setting 'fleet__nope'"):
+        base.with_overrides(fleet__nope=1)
