@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import structlog
 import torch
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential
 
 from ramplus_core.tagging import ImageTags
 from workers.errors import DeadLetterRefused, ErrorKind, InputError, SourceUnavailable
@@ -334,18 +335,20 @@ class StreamPipeline:
     ) -> Any:
         """`action()` until it succeeds: writes must happen before their records are committed, and an outage
         of the fleet's own storage is waited out. Raises what is in `give_up_on` or not in `retry_on`."""
-        wait = self.retry_wait_s
-        while True:
-            try:
-                return action()
-            except give_up_on:
-                raise
-            except retry_on as exc:
-                self.metrics.errors.labels(stage=stage).inc()
-                log.warning(f"{stage}.retry", error=f"{type(exc).__name__}: {str(exc)[:500]}", wait_s=wait)
-            if self._stopping.wait(wait):
+        def note(state: RetryCallState) -> None:
+            exc = state.outcome.exception()
+            self.metrics.errors.labels(stage=stage).inc()
+            log.warning(f"{stage}.retry", error=f"{type(exc).__name__}: {str(exc)[:500]}", wait_s=state.next_action.sleep)
+
+        def sleep(seconds: float) -> None:  # the wait ends early, and the retrying with it, when the replica stops
+            if self._stopping.wait(seconds):
                 raise PipelineStopped(stage)
-            wait = min(wait * 2, 10.0)
+
+        return Retrying(
+            retry=retry_if_exception_type(retry_on) & retry_if_not_exception_type(give_up_on),
+            wait=wait_exponential(multiplier=self.retry_wait_s, max=10.0),
+            sleep=sleep, before_sleep=note, reraise=True,
+        )(action)
 
     # -- inference thread ---------------------------------------------------------------------------------
 

@@ -124,6 +124,8 @@ class VocabularyWatcher:
         log.info("vocab.prefetched", vocab=ref, seconds=round(time.monotonic() - started, 3))
 
     def _run(self) -> None:
+        # A service loop, not a retried call (so not tenacity, the project's retry idiom): it runs until stopped,
+        # and the backoff after a Redis failure starts again from the poll interval once Redis answers.
         backoff = self.poll_interval_s
         while not self._stop.is_set():
             try:
