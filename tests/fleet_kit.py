@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 import urllib.request
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -15,7 +14,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.structs import TopicPartition
 
 from helpers import jpeg_bytes, random_images
-from infra.local.kit import free_port, wait_until  # noqa: F401 (re-exported for the fleet tests)
+from infra.local.kit import dead_letters, free_port, wait_until  # noqa: F401 (re-exported for the fleet tests)
 from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
 
 PARTITIONS = 4
@@ -102,18 +101,6 @@ def result_lines(s3_client, bucket: str):
 
 def result_ids(s3_client, bucket: str) -> collections.Counter:
     return collections.Counter(r["id"] for _, r in result_lines(s3_client, bucket))
-
-
-def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list[dict]:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                             group_id=None, consumer_timeout_ms=2000)
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and len(out) < expected:
-        for message in consumer:
-            out.append(json.loads(message.value))
-    consumer.close()
-    return out
 
 
 def committed_reaches_end(bootstrap: str, group: str, topic: str) -> bool:

@@ -329,21 +329,6 @@ def read_jsonl(client: Any, prefix: str) -> list[dict[str, Any]]:
     return rows
 
 
-def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list[dict[str, Any]]:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                             group_id=None, consumer_timeout_ms=2000)
-    out: dict[str, dict[str, Any]] = {}  # by letter_id: the topic is at-least-once, a restart may repeat a letter
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            out.update((letter["letter_id"], letter) for letter in (json.loads(m.value) for m in consumer))
-    finally:
-        consumer.close()
-    return list(out.values())
-
-
 def stream(settings: Any, uris: list[str], bad: list[str], second_version: str) -> bool:
     """Fleet up, first half published and tagged, `demo@2` activated, the rest published; all accounted for.
     Returns whether every replica ended on `demo@<second_version>`."""
@@ -504,7 +489,7 @@ def run_demo(
             settings.model = ModelSettings(checkpoint=artifact, device="cpu")
             switched = stream(settings, uris, bad, "2")
             results = read_jsonl(client, f"runs/{stamp}/stream/")
-            dlq = dead_letters(config.kafka_bootstrap, topic + ".dlq", len(bad))
+            dlq = kit.dead_letters(config.kafka_bootstrap, topic + ".dlq", len(bad), timeout_s=30, unique=True)
 
         with timings.phase("backfill"):
             from workers.backfill.run import run_backfill

@@ -36,3 +36,29 @@ def local_stack(services: list[str] | None = None) -> dict[str, str]:
     env = stack.env(config)
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     return env
+
+
+def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 60, *, unique: bool = False) -> list[dict]:
+    """The letters on a dead-letter topic, read from its start with plain kafka-python (as a user's tools
+    would) until `expected` are in or `timeout_s` passed. `unique`: one per `letter_id` (the topic is
+    at-least-once: a replica restarted between a send and its commit sends the letter again)."""
+    import json
+
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+                             group_id=None, consumer_timeout_ms=2000)
+    letters: list[dict] = []
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and len(letters) < expected:
+            for message in consumer:
+                letter = json.loads(message.value)
+                if unique and letter.get("letter_id") in seen:
+                    continue
+                seen.add(letter.get("letter_id"))
+                letters.append(letter)
+    finally:
+        consumer.close()
+    return letters
