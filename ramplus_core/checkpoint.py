@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer import checkpoint_filter_fn
 
-from ramplus_core.configs import MODEL_CONFIGS, ModelConfig, get_config
+from ramplus_core.configs import MODEL_CONFIGS, OFFICIAL_WINDOW, ModelConfig, get_config
 from ramplus_core.errors import CheckpointError, CheckpointLayoutError, ConfigError, UntrustedCheckpointError
 from ramplus_core.model import RamPlus
 from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP, TRUSTED_SHA256, sha256_file
@@ -148,7 +148,7 @@ def infer_official_config(sd: dict[str, torch.Tensor], image_size: int | None = 
     if image_size is None:
         image_size = inferred_size
     if image_size is None:
-        image_size = 384 if window == 12 else 224 if window == 7 else None
+        image_size = {w: size for size, w in OFFICIAL_WINDOW.items()}.get(window)
     if image_size is None:
         raise CheckpointLayoutError("cannot infer the image size from this checkpoint: pass image_size")
     image_proj = _require(sd, "image_proj.weight")

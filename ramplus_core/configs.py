@@ -61,6 +61,11 @@ class ModelConfig(BaseModel):
         return 1 + side * side
 
 
+# The official configs use window 12 at 384 px and 7 at 224 px (the ImageNet-22k Swin recipes); checkpoints
+# that do not say their image size are read by the inverse.
+OFFICIAL_WINDOW = {384: 12, 224: 7}
+
+
 def _swin(name: str, image_size: int, embed_dim: int, num_heads: tuple[int, ...]) -> ModelConfig:
     return ModelConfig(
         name=name,
@@ -68,8 +73,7 @@ def _swin(name: str, image_size: int, embed_dim: int, num_heads: tuple[int, ...]
         embed_dim=embed_dim,
         depths=(2, 2, 18, 2),
         num_heads=num_heads,
-        # The official configs use window 12 at 384 px and 7 at 224 px (the ImageNet-22k Swin recipes).
-        window_size=12 if image_size == 384 else 7,
+        window_size=OFFICIAL_WINDOW[image_size],
     )
 
 

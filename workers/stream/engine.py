@@ -19,7 +19,7 @@ import torch
 from ramplus_core.errors import ImageError
 from ramplus_core.model import RamPlus, VocabularyTensors
 from ramplus_core.preprocess import FastPreprocessor, load_image, pil_to_tensor
-from ramplus_core.tagger import PRECISIONS
+from ramplus_core.tagger import place_model
 from ramplus_core.tagging import ImageTags, select_tags
 from ramplus_core.vocabulary import Vocabulary
 from workers.errors import ErrorKind, InputError, input_error_from
@@ -83,11 +83,7 @@ class TaggingEngine:
     ) -> None:
         if model.vocabulary is None:
             raise ValueError("the model has no vocabulary: load a checkpoint that has one or give a vocabulary file")
-        self.device = resolve_device(device)
-        self.dtype = PRECISIONS[precision]
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        if self.device.type == "cuda":
-            self.model.image_encoder.set_fused_attention(True)
+        self.model, self.device, self.dtype = place_model(model, resolve_device(device), precision)
         self.image_size = model.config.image_size
         self.model_id = model.config.key
         self.fast = FastPreprocessor(self.image_size, self.device) if fast else None
