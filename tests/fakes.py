@@ -69,11 +69,22 @@ class MemorySink:
 
     def __init__(self) -> None:
         self.writes: list[tuple[TopicPartition, list[TagResult]]] = []
+        self.handles: list[str] = []  # one per write, unique: what `withdraw` takes
+        self._written = 0
         self._lock = threading.Lock()
 
-    def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
+    def write(self, tp: TopicPartition, results: list[TagResult]) -> str:
         with self._lock:
             self.writes.append((tp, list(results)))
+            self._written += 1
+            self.handles.append(f"w{self._written}")
+            return self.handles[-1]
+
+    def withdraw(self, handle: str) -> None:
+        with self._lock:
+            if handle in self.handles:
+                i = self.handles.index(handle)
+                del self.writes[i], self.handles[i]
 
     @property
     def results(self) -> list[TagResult]:

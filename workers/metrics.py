@@ -64,6 +64,11 @@ class ReplicaMetrics:
         self.ownership_lapses = Counter(
             "ramplus_ownership_lapses", "Times writes were held: group membership not confirmed recently", registry=r,
         )
+        self.writes_withdrawn = Counter(
+            "ramplus_writes_withdrawn",
+            "Result objects deleted again: their write was answered only after the membership lease ran out",
+            registry=r,
+        )
         self.undecodable = Gauge(
             "ramplus_partition_undecodable",
             "1 while a partition is paused at a batch the Kafka client cannot decode (its offset is the label)",

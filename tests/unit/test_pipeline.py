@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import jpeg_bytes, make_tiny_model, random_images
+from infra.local.kit import wait_until
 from ramplus_core import Vocabulary, preprocess, select_tags
 from workers.stream.engine import TaggingEngine
 from workers.errors import ErrorKind, InputError
@@ -123,7 +124,7 @@ def test_a_failing_sink_is_retried_and_nothing_is_committed_past_it(images):
             if self.failures:
                 self.failures -= 1
                 raise ConnectionError("S3 is away")
-            super().write(tp, results)
+            return super().write(tp, results)
 
     source, sink, _, pipeline = run_pipeline(requests, objects, sink=FlakySink(), retry_wait_s=0.01)
     assert sorted(r.id for r in sink.results) == sorted(r.id for r in requests)
@@ -177,6 +178,67 @@ def test_writes_wait_while_the_source_cannot_vouch_for_ownership(images):
         runner.join(30)
     assert sorted(r.id for r in sink.results) == sorted(r.id for r in requests)
     assert source.committed == {("local", 0): 6}
+
+
+def test_a_write_answered_after_the_lease_ran_out_is_withdrawn_and_redone_once_ownership_is_confirmed(images):
+    """The process froze between the ownership check and the PUT (or the PUT was held up): by the time it
+    is answered the lease has run out, and the object may have landed after the next owner's cleanup."""
+    objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
+    requests = [TagRequest(id=f"id{i}", uri="s3://b/0.jpg") for i in range(3)]
+
+    class LapsingSource(LocalSource):
+        owned = threading.Event()
+        checks = 0
+
+        def write_allowed(self):
+            self.checks += 1
+            # valid before the first write, lapsed when it is answered, then unsure until the test confirms us
+            return self.checks == 1 or self.owned.is_set()
+
+    source, sink = LapsingSource(requests), MemorySink()
+    pipeline = StreamPipeline(
+        source, sink, MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher(objects),
+        worker="test", max_batch_wait_s=0.5, batch_size=8, retry_wait_s=0.01,
+    )
+    runner = threading.Thread(target=pipeline.run, args=(threading.Event(),),
+                              kwargs={"until_idle": lambda: source.exhausted})
+    runner.start()
+    try:
+        assert wait_until(lambda: pipeline.metrics.writes_withdrawn._value.get() == 1, 30)
+        assert sink.writes == [] and source.committed == {}  # taken back, not committed
+    finally:
+        source.owned.set()
+        runner.join(30)
+    assert sorted(r.id for r in sink.results) == ["id0", "id1", "id2"]  # written again, once
+    assert source.committed == {("local", 0): 3}
+    assert pipeline.metrics.writes_withdrawn._value.get() == 1
+
+
+def test_a_withdrawal_that_cannot_finish_before_the_replica_stops_commits_nothing(images):
+    objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
+
+    class LapsedSource(LocalSource):
+        checks = 0
+
+        def write_allowed(self):
+            self.checks += 1
+            return self.checks == 1
+
+    class UndeletableSink(MemorySink):
+        def withdraw(self, handle):
+            raise ConnectionError("S3 is gone")
+
+    source, sink = LapsedSource([TagRequest(id="a", uri="s3://b/0.jpg")]), UndeletableSink()
+    pipeline = StreamPipeline(
+        source, sink, MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher(objects),
+        worker="test", max_batch_wait_s=0.0, drain_timeout_s=0.5, retry_wait_s=0.01,
+    )
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    pipeline.run(stop)
+    assert source.committed == {}
+    assert pipeline.metrics.errors.labels(stage="withdraw")._value.get() >= 1
+    assert pipeline.metrics.writes_withdrawn._value.get() == 0
 
 
 def test_results_of_a_forgotten_partition_are_dropped_not_written(images):

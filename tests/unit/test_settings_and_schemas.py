@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,11 +89,27 @@ def test_producer_turns_folders_into_file_uris(tmp_path: Path):
         list(iter_uris([str(tmp_path / "missing")]))
 
 
-def test_s3_result_keys_sort_by_offset_and_parse_back():
-    sink = S3ResultSink(S3Settings(prefix="r/"), client=object())
+def test_s3_result_keys_sort_by_offset_parse_back_and_name_their_writer():
+    sink, other = (S3ResultSink(S3Settings(prefix="r/"), client=object()) for _ in range(2))
     k1, k2 = sink.key(("t", 3), 9, 15), sink.key(("t", 3), 16, 100)
-    assert k1 == "r/t/00003/00000000000000000009-00000000000000000015.jsonl"
+    assert k1 == f"r/t/00003/00000000000000000009-00000000000000000015-{sink.writer}.jsonl"
     assert k1 < k2 and sink.parse_key(k2) == (16, 100)
+    assert re.fullmatch(r"[0-9a-f]{8}", sink.writer) and other.writer != sink.writer
+    assert other.key(("t", 3), 9, 15) != k1  # two replicas writing the same offsets never share an object
+
+
+def test_an_s3_sink_withdraws_only_its_own_objects():
+    deleted = []
+
+    class Client:
+        def delete_object(self, Bucket, Key):  # noqa: N803 (boto3's names)
+            deleted.append(Key)
+
+    sink, other = (S3ResultSink(S3Settings(prefix="r/", bucket="b"), client=Client()) for _ in range(2))
+    sink.withdraw(sink.key(("t", 0), 1, 2))
+    with pytest.raises(ValueError, match="not written by this sink"):
+        sink.withdraw(other.key(("t", 0), 1, 2))
+    assert deleted == [sink.key(("t", 0), 1, 2)]
 
 
 def test_the_readme_lists_every_fleet_setting_as_the_code_defines_it():

@@ -21,7 +21,10 @@ cleans up past the committed offset once, when it gets the partition: results ar
 the source says this replica still owns its partitions (`write_allowed`: a Kafka member evicted while
 it could not reach the broker must not keep writing), and once a partition is forgotten no result
 polled before that is written any more (`forget` waits for a write in progress, the writer re-checks
-before every attempt).
+before every attempt). A write checked before it starts can still land late (the process frozen
+between the check and the PUT, or the PUT held up): ownership is checked again when the write has been
+answered, and a write answered only after the lease ran out is withdrawn and tried again, since it may
+have landed after the next owner's cleanup.
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ class Source(Protocol):
 
 
 class ResultSink(Protocol):
-    def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
-        """Durable when it returns; the same records written again overwrite, never duplicate."""
+    def write(self, tp: TopicPartition, results: list[TagResult]) -> str:
+        """Durable when it returns; the same records written again overwrite, never duplicate.
+        Returns a handle for `withdraw`."""
+    def withdraw(self, handle: str) -> None:
+        """Remove what one `write` of this sink wrote, and nothing else (idempotent)."""
 
 
 class DeadLetterSink(Protocol):
@@ -466,15 +472,34 @@ class StreamPipeline:
                 allowed = self.source.write_allowed()
                 if allowed:
                     try:
-                        self.sink.write(tp, [r for _, r in rows])
-                        return rows
+                        handle = self.sink.write(tp, [r for _, r in rows])
                     except Exception as exc:
                         self.metrics.errors.labels(stage="write").inc()
                         log.warning("write.retry", error=f"{type(exc).__name__}: {exc}", wait_s=wait)
+                    else:
+                        if self.source.write_allowed():
+                            return rows  # answered inside the lease: it landed before any eviction could
+                        if not self._withdraw(tp, handle):
+                            return []
+                        allowed = False
             if self._stopping.wait(wait if allowed else 0.1):
                 return []  # left uncommitted: redone after the restart
             if allowed:
                 wait = min(wait * 2, 10.0)
+
+    def _withdraw(self, tp: TopicPartition, handle: str) -> bool:
+        """Take back a write answered after the lease ran out (under the write lock, so `forget` waits):
+        it may have landed after the partition's next owner cleaned up. False if stopped before it could."""
+        log.warning("write.withdrawn", partition=tp[1], object=handle,
+                    detail="answered after the membership lease ran out; held until the group confirms us")
+        try:
+            self._retry_until_stopped("withdraw", lambda: self.sink.withdraw(handle))
+        except PipelineStopped:
+            log.error("write.withdraw_abandoned", partition=tp[1], object=handle,
+                      detail="stopped first: if the next owner redid these records, they are in S3 twice")
+            return False
+        self.metrics.writes_withdrawn.inc()
+        return True
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """Results into S3 as JSON lines, one object per partition per batch, under deterministic keys.
 
-Key: `{prefix}{topic}/{partition:05d}/{first:020d}-{last:020d}.jsonl` (first and last offset of the
-results in it). Offsets are committed only after the PUT succeeded, so a crash can leave objects whose
-records are replayed. `recover` runs when a partition is assigned, before it is consumed: it removes
+Key: `{prefix}{topic}/{partition:05d}/{first:020d}-{last:020d}-{writer}.jsonl`: first and last offset of
+the results in it, and a token drawn once per sink (per replica process). Writing the same results again
+from the same process overwrites; the writer token makes each process's objects its own, so that a
+write it must take back (`withdraw`, see the pipeline's ownership rules) never removes another replica's.
+Offsets are committed only after the PUT succeeded, so a crash can leave objects whose records are
+replayed. `recover` runs when a partition is assigned, before it is consumed: it removes
 every result line at or past the committed offset (deleting objects wholly past it, rewriting one that
 straddles it), so that the replay writes each id exactly once, whatever its batch boundaries are.
 """
@@ -10,6 +13,7 @@ straddles it), so that the replay writes each id exactly once, whatever its batc
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 import structlog
@@ -30,6 +34,7 @@ class S3ResultSink:
         # How far below the committed offset an object that straddles it can start: bounded by how many
         # records a replica holds uncommitted (max_in_flight + one poll), with a wide margin.
         self.recovery_window = recovery_window
+        self.writer = secrets.token_hex(4)
         if settings.create_bucket:
             ensure_bucket(self.client, self.bucket)
 
@@ -37,24 +42,32 @@ class S3ResultSink:
         return f"{self.prefix}{tp[0]}/{tp[1]:05d}/"
 
     def key(self, tp: TopicPartition, first: int, last: int) -> str:
-        return f"{self.partition_prefix(tp)}{first:020d}-{last:020d}.jsonl"
+        return f"{self.partition_prefix(tp)}{first:020d}-{last:020d}-{self.writer}.jsonl"
 
     @staticmethod
     def parse_key(key: str) -> tuple[int, int]:
-        first, last = key.rsplit("/", 1)[1].removesuffix(".jsonl").split("-")
+        first, last = key.rsplit("/", 1)[1].removesuffix(".jsonl").split("-")[:2]
         return int(first), int(last)
 
-    def write(self, tp: TopicPartition, results: list[TagResult]) -> None:
+    def write(self, tp: TopicPartition, results: list[TagResult]) -> str:
+        """Durable when it returns; returns the key, for `withdraw`."""
         offsets = [r.source.offset for r in results if r.source is not None]
         if len(offsets) != len(results):
             raise ValueError("stream results must carry their source offsets")
         body = "".join(r.model_dump_json() + "\n" for r in results).encode()
-        self.client.put_object(
-            Bucket=self.bucket, Key=self.key(tp, min(offsets), max(offsets)), Body=body, ContentType="application/x-ndjson"
-        )
+        key = self.key(tp, min(offsets), max(offsets))
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/x-ndjson")
+        return key
+
+    def withdraw(self, key: str) -> None:
+        """Remove an object this sink wrote (idempotent: gone already is fine)."""
+        if not key.rsplit("/", 1)[1].endswith(f"-{self.writer}.jsonl"):
+            raise ValueError(f"{key} was not written by this sink")
+        self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def objects_from(self, tp: TopicPartition, first_at_least: int) -> list[str]:
-        start_after = self.key(tp, first_at_least - 1, 0)[: -len(".jsonl")] if first_at_least > 0 else ""
+        # Keys sort by first offset; starting after "{first_at_least - 1}-" keeps a few keys too many, never too few.
+        start_after = f"{self.partition_prefix(tp)}{first_at_least - 1:020d}-" if first_at_least > 0 else ""
         keys: list[str] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.partition_prefix(tp)}
         if start_after:
