@@ -280,7 +280,7 @@ def weights_fetch(
     """Download (or resume) a known checkpoint and verify its sha256; prints its path."""
     configure_logging(level="WARNING")
     from ramplus_core import RamPlusError
-    from ramplus_core.download import fetch_checkpoint
+    from workers.io.download import fetch_checkpoint
 
     try:
         path = fetch_checkpoint(name, cache_dir=cache_dir, url=url, progress=sys.stderr.isatty())

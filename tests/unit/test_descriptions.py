@@ -1,4 +1,4 @@
-"""Specification of ramplus_core.descriptions, against a real HTTP server on 127.0.0.1.
+"""Specification of workers.vocab.llm, against a real HTTP server on 127.0.0.1.
 
 The fake server speaks just enough of the OpenAI chat-completions API to be indistinguishable from one for
 our client, and records every request, so tests can state what went over the wire.
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from ramplus_core.descriptions import (
+from workers.vocab.llm import (
     DESCRIPTION_PROMPTS,
     ChatCompletionsClient,
     DescriptionGenerator,

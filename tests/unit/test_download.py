@@ -10,7 +10,7 @@ import pytest
 
 from ramplus_core import CheckpointError
 from ramplus_core import registry
-from ramplus_core.download import fetch_checkpoint
+from workers.io.download import fetch_checkpoint
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 

@@ -78,7 +78,7 @@ def build(
 ) -> None:
     """Embed tags and/or descriptions with the CLIP text encoder into a vocabulary file."""
     from ramplus_core import Vocabulary
-    from ramplus_core.descriptions import from_settings, load_descriptions
+    from workers.vocab.llm import from_settings, load_descriptions
     from ramplus_core.text_encoder import TextEncoder
     from ramplus_core.vocabulary import TAG_TEMPLATE, read_tag_list
 
