@@ -28,12 +28,12 @@ test-fast: setup
 
 # The whole lifecycle on this machine (infra/local/demo.py): the local stack and a local Ray, a tiny RAM++
 # retrained on synthetic scenes, its vocabulary in Redis, the fleet on a Kafka topic with a hot-swap
-# mid-stream, a backfill, a summary table and var/demo/report.html. With RAMPLUS_CHECKPOINT (and
-# RAMPLUS_TAG_LIST / RAMPLUS_THRESHOLDS) it also tags the real photos with the official RAM++.
+# mid-stream, a backfill, a summary table and var/demo/report.html. With RAMPLUS_MODEL__CHECKPOINT (and
+# RAMPLUS_MODEL__TAG_LIST / RAMPLUS_MODEL__THRESHOLDS) it also tags the real photos with the official RAM++.
 run: setup
 	$(BIN)/python infra/local/demo.py $(DEMO_ARGS)
 
-# Tag scikit-image's bundled photos with the official RAM++ (needs RAMPLUS_CHECKPOINT; without it, it says how).
+# Tag scikit-image's bundled photos with the official RAM++ (needs RAMPLUS_MODEL__CHECKPOINT; without it, it says how).
 tag-photos: setup
 	$(BIN)/ramplus samples $(PHOTOS)
 	$(BIN)/ramplus tag $(PHOTOS)

@@ -38,7 +38,7 @@ TRUSTED_SHA256 = {c.sha256 for c in KNOWN_CHECKPOINTS.values()}
 OFFICIAL_WEIGHTS_HELP = (
     "RAM++ needs the official checkpoint ram_plus_swin_large_14m.pth (3.0 GB): download it from the Hugging "
     "Face model repo xinyu1205/recognize-anything-plus-model (or run `ramplus weights fetch`) and pass "
-    "--checkpoint PATH or set RAMPLUS_CHECKPOINT. Its tag names and thresholds are ram_tag_list.txt and "
+    "--checkpoint PATH or set RAMPLUS_MODEL__CHECKPOINT. Its tag names and thresholds are ram_tag_list.txt and "
     "ram_tag_list_threshold.txt in the xinyu1205/recognize-anything repository (ram/data/)."
 )
 

@@ -83,7 +83,7 @@ class TextEncoder:
                 f"cannot load {where} for text encoder {model_name}: {type(exc).__name__}: {exc}. "
                 "Without network, download the weights elsewhere (open_clip ViT-B-16 'openai', "
                 "open_clip_pytorch_model.bin) and pass the local file path as the text-encoder weights "
-                "(RAMPLUS_TEXT_ENCODER_WEIGHTS)."
+                "(RAMPLUS_TRAIN__TEXT_WEIGHTS)."
             ) from exc
 
     @property

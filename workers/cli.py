@@ -37,6 +37,17 @@ def _data_app() -> typer.Typer:
 app.add_typer(_data_app(), name="data")
 
 
+@app.callback()
+def _settings_scheme() -> None:
+    """RAM++ open-set image tagging."""
+    from workers.settings import refuse_retired_env
+
+    try:
+        refuse_retired_env()
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
@@ -62,11 +73,11 @@ def iter_image_paths(inputs: list[str]) -> Iterator[Path]:
 def tag(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or file:// URIs.")],
     checkpoint: Annotated[
-        Optional[str], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official .pth, our model directory, or an s3:// artifact.")
+        Optional[str], typer.Option(envvar="RAMPLUS_MODEL__CHECKPOINT", help="Official .pth, our model directory, or an s3:// artifact.")
     ] = None,
     vocab: Annotated[Optional[Path], typer.Option(help="Vocabulary file (.safetensors); default: the checkpoint's own.")] = None,
-    tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_TAG_LIST", help="Official tag list (ram_tag_list.txt) for an official checkpoint.")] = None,
-    thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_THRESHOLDS", help="Official per-tag thresholds (ram_tag_list_threshold.txt).")] = None,
+    tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_MODEL__TAG_LIST", help="Official tag list (ram_tag_list.txt) for an official checkpoint.")] = None,
+    thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_MODEL__THRESHOLDS", help="Official per-tag thresholds (ram_tag_list_threshold.txt).")] = None,
     threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="One threshold for every tag.")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="At most this many tags per image.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
@@ -274,7 +285,7 @@ def samples(directory: Annotated[Path, typer.Argument(help="Where to write the J
 @weights_app.command("fetch")
 def weights_fetch(
     name: Annotated[str, typer.Argument(help="Registry name.")] = "ram_plus_swin_large_14m",
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Default: $RAMPLUS_CACHE_DIR/checkpoints or ~/.cache/ramplus.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Default: <model.cache_dir>/checkpoints (RAMPLUS_MODEL__CACHE_DIR, ~/.cache/ramplus).")] = None,
     url: Annotated[Optional[str], typer.Option(help="A mirror of the same file (checked against the registry's sha256).")] = None,
 ) -> None:
     """Download (or resume) a known checkpoint and verify its sha256; prints its path."""

@@ -1,4 +1,4 @@
-"""structlog set-up: readable lines in a terminal, JSON lines in production (RAMPLUS_LOG_FORMAT=json)."""
+"""structlog set-up: readable lines in a terminal, JSON lines in production (RAMPLUS_LOG__FORMAT=json)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ class _StderrLogger:
 
 
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
-    level_name = (level or os.environ.get("RAMPLUS_LOG_LEVEL", "INFO")).upper()
-    fmt = fmt or os.environ.get("RAMPLUS_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+    # From the environment, not Settings: logging starts first, so that a settings error is logged too
+    # (the names are those of Settings.log).
+    level_name = (level or os.environ.get("RAMPLUS_LOG__LEVEL", "INFO")).upper()
+    fmt = fmt or os.environ.get("RAMPLUS_LOG__FORMAT") or ("console" if sys.stderr.isatty() else "json")
     renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[

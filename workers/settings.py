@@ -10,9 +10,10 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -88,6 +89,15 @@ class ModelSettings(BaseModel):
     device: str = Field("auto", description="auto (cuda when a GPU is assigned), cpu, cuda")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights dtype; bf16 on GPUs")
     fast_preprocess: bool = Field(True, description="Batched resize (see README 'Preprocessing')")
+    cache_dir: Path = Field(
+        Path("~/.cache/ramplus"), validate_default=True,
+        description="Local copies: downloaded checkpoints (checkpoints/) and fetched s3:// artifacts (artifacts/)",
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()  # env values are not shell-expanded, and "~/..." is what people write
 
     @field_validator("checkpoint", mode="before")
     @classmethod
@@ -160,6 +170,80 @@ class BackfillSettings(BaseModel):
     retry_transient: bool = Field(True, description="A rerun redoes shards whose errors were transient (fetch, internal)")
 
 
+class LLMSettings(BaseModel):
+    """How to reach the LLM that writes tag descriptions (`ramplus vocab build --llm`)."""
+
+    base_url: str = Field(
+        default="https://api.openai.com/v1",
+        description="Base URL of an OpenAI-compatible API; requests go to <base_url>/chat/completions.",
+    )
+    model: str = Field(
+        default="gpt-3.5-turbo",
+        description="Model name sent to the endpoint (the official descriptions came from gpt-3.5-turbo). "
+        "Also part of the cache key, so answers of different models never mix.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for the endpoint; leave unset for local servers that need none.",
+    )
+    answers_per_prompt: int = Field(
+        default=10, ge=1, description="Answers collected per prompt (official: 10, giving 1 + 5*10 = 51)."
+    )
+    max_tokens: int = Field(default=77, ge=1, description="Completion length limit per answer (official: 77).")
+    temperature: float = Field(default=0.99, ge=0.0, le=2.0, description="Sampling temperature (official: 0.99).")
+    requests_per_minute: float = Field(
+        default=60, ge=0, description="Upper bound on HTTP requests per minute, retries included; 0 disables it."
+    )
+    max_retries: int = Field(
+        default=5, ge=0, description="Retries of one request after a transport error, HTTP 429 or HTTP 5xx."
+    )
+    timeout_s: float = Field(default=60, gt=0, description="Timeout of one HTTP request, in seconds.")
+    cache_dir: Path = Field(
+        Path("~/.cache/ramplus/descriptions"),
+        validate_default=True,
+        description="Directory of cached answers (one small JSON file per prompt); a rerun reads them instead "
+        "of asking the LLM again.",
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        # Env vars are not shell-expanded, and "~/..." is what people write in them.
+        return value.expanduser()
+
+
+class LogSettings(BaseModel):
+    """Read by `workers.logs.configure_logging` straight from the environment, under these names: logging
+    starts before settings are loaded, so that an error in them is logged too."""
+
+    level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    format: Literal["json", "console"] | None = Field(None, description="json or console; default: console on a terminal, else json")
+
+
+# Names of an earlier scheme, refused with the new name rather than silently ignored.
+RETIRED_ENV = {
+    "RAMPLUS_CHECKPOINT": "RAMPLUS_MODEL__CHECKPOINT",
+    "RAMPLUS_TAG_LIST": "RAMPLUS_MODEL__TAG_LIST",
+    "RAMPLUS_THRESHOLDS": "RAMPLUS_MODEL__THRESHOLDS",
+    "RAMPLUS_CACHE_DIR": "RAMPLUS_MODEL__CACHE_DIR",
+    "RAMPLUS_TEXT_ENCODER_WEIGHTS": "RAMPLUS_TRAIN__TEXT_WEIGHTS",
+    "RAMPLUS_LOG_LEVEL": "RAMPLUS_LOG__LEVEL",
+    "RAMPLUS_LOG_FORMAT": "RAMPLUS_LOG__FORMAT",
+}
+
+
+def refuse_retired_env(environ: Mapping[str, str] | None = None) -> None:
+    """Raise naming every variable of the retired scheme that is set (`RAMPLUS_LLM_X` is `RAMPLUS_LLM__X` now)."""
+    environ = os.environ if environ is None else environ
+    renamed = {old: new for old, new in RETIRED_ENV.items() if old in environ}
+    renamed |= {
+        name: "RAMPLUS_LLM__" + name.removeprefix("RAMPLUS_LLM_")
+        for name in environ if name.startswith("RAMPLUS_LLM_") and not name.startswith("RAMPLUS_LLM__")
+    }
+    if renamed:
+        raise ValueError("renamed settings: " + ", ".join(f"{old} is now {new}" for old, new in sorted(renamed.items())))
+
+
 class Settings(BaseSettings):
     """Everything `ramplus serve` and `ramplus produce` need."""
 
@@ -174,6 +258,8 @@ class Settings(BaseSettings):
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     @field_validator("fetch")
     @classmethod
@@ -202,6 +288,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        refuse_retired_env()
         path = cls.config_file or (Path(os.environ["RAMPLUS_CONFIG"]) if os.environ.get("RAMPLUS_CONFIG") else None)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if path is not None:

@@ -395,9 +395,9 @@ def official_tags(checkpoint: str, tag_list: Optional[Path], thresholds: Optiona
 def main(
     quick: Annotated[bool, typer.Option(help="A smaller demo (the test's): fewer images, a shorter training.")] = False,
     retrain: Annotated[bool, typer.Option(help="Train again even if an earlier run left a model with this recipe.")] = False,
-    checkpoint: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_CHECKPOINT", help="Official RAM++ .pth (or our artifact): also tag the real photos with it.")] = None,
-    tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_TAG_LIST", help="Official tag list for an official checkpoint.")] = None,
-    thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_THRESHOLDS", help="Official per-tag thresholds.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_MODEL__CHECKPOINT", help="Official RAM++ .pth (or our artifact): also tag the real photos with it.")] = None,
+    tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_MODEL__TAG_LIST", help="Official tag list for an official checkpoint.")] = None,
+    thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_MODEL__THRESHOLDS", help="Official per-tag thresholds.")] = None,
     out: Annotated[Path, typer.Option(help="Where the report and summary go.")] = ROOT / "var" / "demo",
 ) -> None:
     """Run the whole lifecycle on the local real stack and a local Ray; write a summary and an HTML report."""

@@ -150,7 +150,7 @@ def test_interrupted_job_resumes_without_tagging_again_what_was_written(stack, t
         s3_client.put_object(Bucket=s3_bucket, Key=keys[-1], Body=jpeg_bytes(image))
     env = {
         **os.environ, **stack.env, "RAMPLUS_S3__ENDPOINT_URL": stack.s3_endpoint, "RAMPLUS_MODEL__CHECKPOINT": str(tiny_model_dir),
-        "RAMPLUS_MODEL__DEVICE": "cpu", "RAMPLUS_REDIS__URL": stack.redis_url, "RAMPLUS_LOG_FORMAT": "json",
+        "RAMPLUS_MODEL__DEVICE": "cpu", "RAMPLUS_REDIS__URL": stack.redis_url, "RAMPLUS_LOG__FORMAT": "json",
     }
     env.pop("RAY_ADDRESS", None)  # its own local Ray, as `python jobs/backfill.py` on a laptop
     cmd = [sys.executable, str(ROOT / "jobs" / "backfill.py"), "--input", f"s3://{s3_bucket}/images/",

@@ -106,7 +106,7 @@ def test_ramplus_tag_on_the_artifact_gives_the_jobs_scores(trained, s3_client, a
         key = uri.split("/", 3)[3]
         (tmp_path / f"{n:02d}.jpg").write_bytes(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
     monkeypatch.setenv("RAMPLUS_S3__ENDPOINT_URL", settings.s3.endpoint_url)
-    monkeypatch.setenv("RAMPLUS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAMPLUS_MODEL__CACHE_DIR", str(tmp_path / "cache"))
     out = CliRunner().invoke(app, ["tag", str(tmp_path), "--checkpoint", result.artifact, "--json", "--all-scores"])
     assert out.exit_code == 0, out.output
     lines = [json.loads(line) for line in out.output.splitlines() if line.startswith("{")]

@@ -57,7 +57,7 @@ def test_sigterm_mid_stream_drains_commits_leaves_the_group_and_exits_0_and_a_re
     settings = fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64, drain_timeout_s=30)
     config = tmp_path / "serve.json"
     config.write_text(settings.model_dump_json())
-    env = {**os.environ, **{k: v for k, v in stack.env.items() if k.startswith("AWS_")}, "RAMPLUS_LOG_FORMAT": "json"}
+    env = {**os.environ, **{k: v for k, v in stack.env.items() if k.startswith("AWS_")}, "RAMPLUS_LOG__FORMAT": "json"}
     env.pop("RAMPLUS_CONFIG", None)
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:

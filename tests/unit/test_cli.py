@@ -70,10 +70,22 @@ def test_bad_images_are_reported_and_the_rest_still_tagged(tmp_path, image_dir, 
 
 
 def test_without_a_checkpoint_it_says_how_to_get_one(image_dir, monkeypatch):
-    monkeypatch.delenv("RAMPLUS_CHECKPOINT", raising=False)
+    monkeypatch.delenv("RAMPLUS_MODEL__CHECKPOINT", raising=False)
     result = runner.invoke(app, ["tag", str(image_dir)])
     assert result.exit_code == 2
     assert "xinyu1205/recognize-anything-plus-model" in result.stderr
+
+
+def test_the_checkpoint_comes_from_the_one_settings_name_and_a_retired_name_is_refused_not_ignored(
+    image_dir, our_checkpoint, monkeypatch
+):
+    monkeypatch.setenv("RAMPLUS_MODEL__CHECKPOINT", str(our_checkpoint))
+    result = runner.invoke(app, ["tag", str(image_dir / "img0.jpg"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    monkeypatch.setenv("RAMPLUS_CHECKPOINT", str(our_checkpoint))
+    result = runner.invoke(app, ["tag", str(image_dir / "img0.jpg"), "--json"])
+    assert result.exit_code == 2
+    assert "RAMPLUS_CHECKPOINT is now RAMPLUS_MODEL__CHECKPOINT" in result.stderr
 
 
 def test_a_bad_checkpoint_is_one_line_not_a_traceback(tmp_path, image_dir):

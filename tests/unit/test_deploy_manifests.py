@@ -19,7 +19,7 @@ from workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
-NON_SETTINGS = {"RAMPLUS_LOG_FORMAT", "RAMPLUS_LOG_LEVEL", "RAMPLUS_CONFIG"}
+NON_SETTINGS = {"RAMPLUS_LOG__FORMAT", "RAMPLUS_LOG__LEVEL", "RAMPLUS_CONFIG"}
 
 
 def documents() -> list[dict]:

@@ -1,4 +1,5 @@
-"""Specification of workers.vocab.llm, against a real HTTP server on 127.0.0.1.
+"""Specification of the LLM descriptions (ramplus_core.descriptions, workers.vocab.llm and .describe), against a
+real HTTP server on 127.0.0.1.
 
 The fake server speaks just enough of the OpenAI chat-completions API to be indistinguishable from one for
 our client, and records every request, so tests can state what went over the wire.
@@ -18,18 +19,16 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from workers.vocab.llm import (
+from ramplus_core.descriptions import (
     DESCRIPTION_PROMPTS,
-    ChatCompletionsClient,
-    DescriptionGenerator,
-    LLMSettings,
-    RateLimiter,
     fill_prompts,
-    from_settings,
     load_descriptions,
     save_descriptions,
     template_description,
 )
+from workers.settings import LLMSettings, Settings
+from workers.vocab.describe import DescriptionGenerator, from_settings
+from workers.vocab.llm import ChatCompletionsClient, RateLimiter
 from ramplus_core.errors import DescriptionError
 
 API_KEY = "sk-test-0123456789-secret"
@@ -288,7 +287,7 @@ def test_unauthorized_fails_at_once_without_revealing_the_key(llm_server: FakeLL
         client.complete("How can you identify a(n) cat concisely?", 10)
 
     message = str(excinfo.value)
-    assert "401" in message and "RAMPLUS_LLM_API_KEY" in message
+    assert "401" in message and "RAMPLUS_LLM__API_KEY" in message
     assert API_KEY not in message
     assert API_KEY not in repr(logs)
     assert len(llm_server.requests) == 1
@@ -489,17 +488,17 @@ def test_settings_default_to_the_official_generator_parameters(monkeypatch: pyte
 def test_from_settings_reads_ramplus_llm_environment_variables(
     llm_server: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("RAMPLUS_LLM_BASE_URL", llm_server.base_url)
-    monkeypatch.setenv("RAMPLUS_LLM_MODEL", "local-model")
-    monkeypatch.setenv("RAMPLUS_LLM_API_KEY", API_KEY)
-    monkeypatch.setenv("RAMPLUS_LLM_ANSWERS_PER_PROMPT", "2")
-    monkeypatch.setenv("RAMPLUS_LLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("RAMPLUS_LLM_REQUESTS_PER_MINUTE", "0")
+    monkeypatch.setenv("RAMPLUS_LLM__BASE_URL", llm_server.base_url)
+    monkeypatch.setenv("RAMPLUS_LLM__MODEL", "local-model")
+    monkeypatch.setenv("RAMPLUS_LLM__API_KEY", API_KEY)
+    monkeypatch.setenv("RAMPLUS_LLM__ANSWERS_PER_PROMPT", "2")
+    monkeypatch.setenv("RAMPLUS_LLM__CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("RAMPLUS_LLM__REQUESTS_PER_MINUTE", "0")
 
-    with from_settings(LLMSettings()) as generator:
+    with from_settings() as generator:
         descriptions = generator.describe("cat")
 
     assert len(descriptions) == 1 + 5 * 2
     assert {request["body"]["model"] for request in llm_server.requests} == {"local-model"}
     assert llm_server.requests[0]["headers"]["authorization"] == f"Bearer {API_KEY}"
-    assert API_KEY not in repr(LLMSettings())
+    assert API_KEY not in repr(Settings.load().llm)

@@ -112,6 +112,26 @@ def test_an_s3_sink_withdraws_only_its_own_objects():
     assert deleted == [sink.key(("t", 0), 1, 2)]
 
 
+def test_every_setting_has_one_name_and_the_retired_names_are_refused_with_the_new_one(monkeypatch, tmp_path):
+    from workers.settings import refuse_retired_env
+
+    monkeypatch.setenv("RAMPLUS_LLM__MODEL", "local-model")
+    monkeypatch.setenv("RAMPLUS_MODEL__CACHE_DIR", "~/elsewhere")
+    settings = Settings.load()
+    assert settings.llm.model == "local-model" and settings.model.cache_dir == Path.home() / "elsewhere"
+    refuse_retired_env({"RAMPLUS_LLM__MODEL": "x", "RAMPLUS_MODEL__CHECKPOINT": "y"})  # the new names pass
+    with pytest.raises(ValueError) as refused:
+        refuse_retired_env({"RAMPLUS_CACHE_DIR": "a", "RAMPLUS_LLM_API_KEY": "sk-secret-1", "RAMPLUS_LOG_FORMAT": "json"})
+    assert str(refused.value) == (
+        "renamed settings: RAMPLUS_CACHE_DIR is now RAMPLUS_MODEL__CACHE_DIR, RAMPLUS_LLM_API_KEY is now "
+        "RAMPLUS_LLM__API_KEY, RAMPLUS_LOG_FORMAT is now RAMPLUS_LOG__FORMAT"
+    )
+    assert "sk-secret-1" not in str(refused.value)  # names only, never a value
+    monkeypatch.setenv("RAMPLUS_TAG_LIST", str(tmp_path))
+    with pytest.raises(ValueError, match="RAMPLUS_TAG_LIST is now RAMPLUS_MODEL__TAG_LIST"):
+        Settings.load()
+
+
 def test_the_readme_lists_every_fleet_setting_as_the_code_defines_it():
     from workers.settings import settings_table
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from workers.vocab.llm import load_descriptions
+from ramplus_core.descriptions import load_descriptions
 from ramplus_core.synthetic import BACKGROUNDS, COLOURS, SHAPES, TAG_GROUPS, TAGS, describe_tags, draw_scene, generate, scene_seed
 from workers.cli import app
 from workers.train.manifest import ManifestError, ManifestRecord, read_manifest, resolve_uri, write_manifest

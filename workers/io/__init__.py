@@ -1,3 +1,3 @@
 """Reading inputs: the URI fetchers (s3://, https://, file:// with allowlists and limits), local files,
-sample photos.
+the official-checkpoint download, sample photos.
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -12,12 +11,13 @@ from tqdm import tqdm
 
 from ramplus_core.errors import CheckpointError
 from ramplus_core.registry import KNOWN_CHECKPOINTS, sha256_file
+from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAMPLUS_CACHE_DIR", Path.home() / ".cache" / "ramplus")) / "checkpoints"
+    return Settings.load().model.cache_dir / "checkpoints"
 
 
 def fetch_checkpoint(

@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from workers.io.s3 import S3UriError, parse_s3_uri, s3_client
-from workers.settings import S3Settings
+from workers.settings import S3Settings, Settings
 
 log = structlog.get_logger("ramplus.artifacts")
 
@@ -81,7 +81,7 @@ def publish_artifact(local_dir: str | Path, dest: str, s3: S3Settings | None = N
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAMPLUS_CACHE_DIR", Path.home() / ".cache" / "ramplus")) / "artifacts"
+    return Settings.load().model.cache_dir / "artifacts"
 
 
 def fetch_artifact(uri: str, s3: S3Settings | None = None, *, cache_dir: Path | None = None, client: Any = None) -> Path:

@@ -71,14 +71,15 @@ def build(
     version: Annotated[str, typer.Option(help="Version label.")] = "1",
     tags: Annotated[Optional[Path], typer.Option(help="Tag list, one per line (template 'a photo of a {tag}.').")] = None,
     descriptions: Annotated[Optional[str], typer.Option(help="Descriptions JSON: a list of {tag: [descriptions]}; a path or s3://bucket/key.")] = None,
-    llm: Annotated[bool, typer.Option(help="Ask the LLM (RAMPLUS_LLM_*) for descriptions of --tags.")] = False,
+    llm: Annotated[bool, typer.Option(help="Ask the LLM (RAMPLUS_LLM__*) for descriptions of --tags.")] = False,
     text_encoder: Annotated[str, typer.Option(help="open_clip model.")] = "ViT-B-16",
-    text_weights: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_TEXT_ENCODER_WEIGHTS", help="'openai' or a local weights file; 'none' = random (tests only).")] = "openai",
+    text_weights: Annotated[Optional[str], typer.Option(envvar="RAMPLUS_TRAIN__TEXT_WEIGHTS", help="'openai' or a local weights file; 'none' = random (tests only).")] = "openai",
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.68,
 ) -> None:
     """Embed tags and/or descriptions with the CLIP text encoder into a vocabulary file."""
     from ramplus_core import Vocabulary
-    from workers.vocab.llm import from_settings, load_descriptions
+    from ramplus_core.descriptions import load_descriptions
+    from workers.vocab.describe import from_settings
     from ramplus_core.text_encoder import TextEncoder
     from ramplus_core.vocabulary import TAG_TEMPLATE, read_tag_list
 
