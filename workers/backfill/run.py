@@ -1,6 +1,7 @@
 """Bulk backfill: tag every image under an S3 prefix with the fleet's model code, resumably.
 
-The driver plans (`workers.backfill.plan`), then runs one Ray Data pipeline over what is not done yet:
+The driver (this module) plans (`workers.backfill.plan`), then runs one Ray Data pipeline over what is not
+done yet, with the stages of `workers.backfill.stages`, and writes what `workers.backfill.report` defines:
 
     listed objects -> fetch + decode (CPU tasks, a thread pool each) -> tag (an actor pool, one replica per GPU)
                    -> the driver, which writes each shard when its last image arrives
@@ -14,30 +15,21 @@ nothing else.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
-import torch
-from pydantic import BaseModel, Field
 
 from ramplus_core import RamPlus
 from workers.backfill.plan import (
     ERRORS,
     RESULTS,
-    ListedObject,
     Selection,
     Shard,
     existing_shards,
@@ -49,257 +41,12 @@ from workers.backfill.plan import (
     split_s3_prefix,
     transient_error_count,
 )
-from workers.stream.engine import ImageDecoder, TaggingEngine
-from workers.errors import ErrorKind, InputError, SourceUnavailable
-from workers.schemas import TagResult, utc_now
+from workers.backfill.report import BackfillError, BackfillSummary, ShardWriter
+from workers.backfill.stages import BackfillTagger, vocab_store, fetch_and_decode, model_fingerprint
+from workers.errors import ErrorKind
 from workers.settings import FetchSettings, Settings
 
 log = structlog.get_logger("ramplus.backfill")
-
-
-class BackfillError(BaseModel):
-    """One line of a shard's error report."""
-
-    uri: str
-    kind: ErrorKind
-    message: str
-    size: int
-    etag: str = ""
-    ts: datetime = Field(default_factory=utc_now)
-
-
-class BackfillSummary(BaseModel):
-    """What a run did; printed at the end and written next to the shards as `summary.json`."""
-
-    input: str
-    output: str = Field(description="The run's folder: <output>/<model>-<fingerprint>/<vocab>/")
-    model: str
-    fingerprint: str
-    vocab: str
-    complete: bool = False
-    listed: int = 0
-    selected: int = 0
-    excluded: int = 0
-    shards: int = 0
-    shards_skipped: int = 0
-    shards_retried: int = Field(0, description="Done before, redone because their errors were transient")
-    shards_written: int = 0
-    images_written: int = Field(0, description="Images (tagged or reported) in the shards this run wrote")
-    shards_superseded: int = Field(0, description="Shards of an earlier listing, removed after a complete run")
-    images_skipped: int = 0
-    images_tagged: int = 0
-    errors: dict[str, int] = Field(default_factory=dict)
-    seconds: float = 0.0
-    images_per_s: float = Field(0.0, description="Tagged images / seconds since the pipeline started (start-up included)")
-    images_per_s_steady: float = Field(0.0, description="Images / seconds from the first 10% of this run's images to its end")
-
-
-def model_fingerprint(model: RamPlus) -> str:
-    """sha256 over the weights (names, dtypes, shapes, bytes): the same checkpoint in any format, one id."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-# -- the pipeline's stages (they run in Ray workers) -----------------------------------------------------------
-
-_DECODERS: dict[str, tuple[Any, ImageDecoder, ThreadPoolExecutor]] = {}
-_DECODERS_LOCK = threading.Lock()
-
-
-def _decoder_for(config: str) -> tuple[Any, ImageDecoder, ThreadPoolExecutor]:
-    """One fetcher, decoder and thread pool per worker process (Ray reuses task workers)."""
-    with _DECODERS_LOCK:
-        if config not in _DECODERS:
-            from workers.io.fetchers import S3Fetcher
-            from workers.settings import S3Settings
-
-            cfg = json.loads(config)
-            fetch = FetchSettings(**cfg["fetch"])
-            decoder = ImageDecoder(cfg["image_size"], fast=cfg["fast"], max_bytes=fetch.max_bytes, max_pixels=fetch.max_pixels)
-            _DECODERS[config] = (S3Fetcher(fetch, S3Settings(**cfg["s3"])), decoder, ThreadPoolExecutor(fetch.concurrency))
-        return _DECODERS[config]
-
-
-def fetch_and_decode(batch: Any, *, config: str) -> Any:
-    """Ray Data stage: rows {key, shard, size, etag} -> + pixels (raw bytes, c/h/w, dtype) or error_kind/error."""
-    import pyarrow as pa
-
-    fetcher, decoder, pool = _decoder_for(config)
-    bucket = json.loads(config)["bucket"]
-    rows = batch.to_pylist()
-
-    def one(row: dict[str, Any]) -> dict[str, Any]:
-        uri = f"s3://{bucket}/{row['key']}"
-        out = {**row, "pixels": b"", "c": 0, "h": 0, "w": 0, "dtype": "", "error_kind": "", "error": ""}
-        try:
-            pixels = decoder.decode(fetcher.fetch(uri), uri).contiguous()
-        except InputError as exc:
-            return out | {"error_kind": exc.kind.value, "error": str(exc)}
-        except SourceUnavailable as exc:  # S3 away: a transient error, redone by a rerun (--retry-transient)
-            return out | {"error_kind": ErrorKind.FETCH.value, "error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - a bug of ours must not fail the job: report it with the image
-            return out | {"error_kind": ErrorKind.INTERNAL.value, "error": f"{type(exc).__name__}: {exc}"}
-        c, h, w = pixels.shape
-        return out | {"pixels": pixels.numpy().tobytes(), "c": c, "h": h, "w": w, "dtype": str(pixels.dtype).removeprefix("torch.")}
-
-    done = list(pool.map(one, rows))
-    # pyarrow, not numpy: numpy's fixed-width bytes would drop the pixels' trailing zero bytes.
-    return pa.Table.from_pylist(done, schema=_DECODED_SCHEMA())
-
-
-def _DECODED_SCHEMA() -> Any:  # noqa: N802 - a schema constant, built lazily so importing needs no pyarrow
-    import pyarrow as pa
-
-    return pa.schema([
-        ("key", pa.string()), ("shard", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
-        ("pixels", pa.binary()), ("c", pa.int32()), ("h", pa.int32()), ("w", pa.int32()), ("dtype", pa.string()),
-        ("error_kind", pa.string()), ("error", pa.string()),
-    ])
-
-
-class BackfillTagger:
-    """Ray Data stage (an actor per replica): decoded rows -> one JSON line each, a result or an error."""
-
-    def __init__(self, config: str) -> None:
-        from workers.stream.replica import load_model
-
-        cfg = json.loads(config)
-        settings = Settings(**cfg["settings"])
-        model = load_model(settings)
-        if model_fingerprint(model) != cfg["fingerprint"]:
-            raise RuntimeError("the checkpoint changed since the backfill started: its weights differ from the driver's")
-        if settings.model.device == "cpu" or not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(settings.backfill.cpus_per_replica)))
-        self.bucket = cfg["bucket"]
-        self.worker = f"{socket.gethostname()}/backfill-{os.getpid()}"
-        f = settings.fetch
-        self.engine = TaggingEngine(
-            model, device=settings.model.device, precision=settings.model.precision, fast=settings.model.fast_preprocess,
-            max_bytes=f.max_bytes, max_pixels=f.max_pixels,
-        )
-        if cfg["vocab"] is not None:
-            self.engine.set_vocabulary(_vocab_store(settings).load(*cfg["vocab"]))
-        if self.engine.vocabulary.ref != cfg["vocab_ref"]:
-            raise RuntimeError(f"replica has vocabulary {self.engine.vocabulary.ref}, the job asked for {cfg['vocab_ref']}")
-
-    def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
-        rows = batch.to_pylist()
-        lines: list[str] = [""] * len(rows)
-        good = [i for i, r in enumerate(rows) if not r["error_kind"]]
-        for i, r in enumerate(rows):
-            if r["error_kind"]:
-                lines[i] = self._error(r, r["error_kind"], r["error"])
-        if good:
-            pixels = [self._pixels(rows[i]) for i in good]
-            try:
-                tagged = self.engine.infer(pixels)
-            except Exception:  # noqa: BLE001 - find the one image that breaks the batch, tag the rest
-                log.exception("backfill.batch_failed", images=len(good))
-                tagged = []
-                for p in pixels:
-                    try:
-                        tagged.extend(self.engine.infer([p]))
-                    except Exception as exc:  # noqa: BLE001
-                        tagged.append(exc)
-            for i, tags in zip(good, tagged):
-                r = rows[i]
-                if isinstance(tags, Exception):
-                    lines[i] = self._error(r, ErrorKind.INTERNAL.value, f"{type(tags).__name__}: {tags}")
-                    rows[i]["error_kind"] = ErrorKind.INTERNAL.value
-                    continue
-                uri = self._uri(r)
-                lines[i] = TagResult.of(
-                    tags, id=uri, uri=uri, model=self.engine.model_id, worker=self.worker, meta={"size": r["size"], "etag": r["etag"]},
-                ).model_dump_json()
-        return pa.table({
-            "shard": [r["shard"] for r in rows], "key": [r["key"] for r in rows],
-            "error_kind": [r["error_kind"] for r in rows], "line": lines,
-        })
-
-    def _uri(self, row: dict[str, Any]) -> str:
-        return f"s3://{self.bucket}/{row['key']}"
-
-    def _error(self, row: dict[str, Any], kind: str, message: str) -> str:
-        return BackfillError(uri=self._uri(row), kind=ErrorKind(kind), message=message, size=row["size"], etag=row["etag"]).model_dump_json()
-
-    @staticmethod
-    def _pixels(row: dict[str, Any]) -> torch.Tensor:
-        dtype = getattr(torch, row["dtype"])
-        return torch.frombuffer(bytearray(row["pixels"]), dtype=dtype).view(row["c"], row["h"], row["w"])
-
-
-def _vocab_store(settings: Settings) -> Any:
-    import redis
-
-    from workers.vocab.store import VocabStore
-
-    return VocabStore(redis.Redis.from_url(settings.redis.url, socket_timeout=60))
-
-
-# -- the driver ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardWriter:
-    """Collects a shard's lines as they arrive (in any order) and writes it when the last one is in."""
-
-    client: Any
-    bucket: str
-    run: str
-    format: str
-    expected: dict[str, int]
-    lines: dict[str, list[tuple[str, bool, str]]] = field(default_factory=dict)
-    written: int = 0
-    images: int = 0
-
-    def add(self, shard: str, key: str, ok: bool, line: str) -> bool:
-        """True when this line completed its shard (which is then written)."""
-        got = self.lines.setdefault(shard, [])
-        got.append((key, ok, line))
-        if len(got) < self.expected[shard]:
-            return False
-        self.write(shard, self.lines.pop(shard))
-        return True
-
-    def write(self, shard: str, rows: list[tuple[str, bool, str]]) -> None:
-        rows.sort(key=lambda r: r[0])
-        errors = [line for _, ok, line in rows if not ok]
-        results = [line for _, ok, line in rows if ok]
-        error_key = f"{self.run}{ERRORS}{shard}.jsonl"
-        if errors:
-            self.client.put_object(Bucket=self.bucket, Key=error_key, Body="\n".join(errors).encode() + b"\n")
-        else:  # a redone shard may have had errors before
-            self.client.delete_object(Bucket=self.bucket, Key=error_key)
-        if self.format == "parquet":
-            body, suffix = _parquet([json.loads(line) for line in results]), ".parquet"
-        else:
-            body, suffix = ("\n".join(results).encode() + b"\n") if results else b"", ".jsonl"
-        # Last: a result object is the mark of a finished shard.
-        self.client.put_object(Bucket=self.bucket, Key=f"{self.run}{RESULTS}{shard}{suffix}", Body=body)
-        self.written += 1
-        self.images += len(rows)
-
-
-def _parquet(records: list[dict[str, Any]]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([
-        ("id", pa.string()), ("uri", pa.string()),
-        ("tags", pa.list_(pa.struct([("tag", pa.string()), ("score", pa.float64())]))),
-        ("vocab", pa.string()), ("model", pa.string()), ("ts", pa.string()), ("worker", pa.string()),
-        ("size", pa.int64()), ("etag", pa.string()),
-    ])
-    rows = [{**{k: r[k] for k in ("id", "uri", "tags", "vocab", "model", "ts", "worker")}, **(r.get("meta") or {})} for r in records]
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-    return buf.getvalue()
 
 
 @dataclass
@@ -322,7 +69,7 @@ def _resolve_vocab(settings: Settings, model: RamPlus) -> tuple[tuple[str, str] 
     from workers.vocab.store import parse_ref
 
     name, version = parse_ref(spec)
-    store = _vocab_store(settings)
+    store = vocab_store(settings)
     version = version or store.active_version(name)
     if version is None:
         raise ValueError(f"vocabulary {name!r} has no active version in Redis (ramplus vocab activate {name} VERSION)")
@@ -533,7 +280,4 @@ def _pipeline(
         yield from batch.to_pylist()
 
 
-__all__ = [
-    "BackfillError", "BackfillInterrupted", "BackfillSummary", "BackfillTagger", "ListedObject", "ShardWriter",
-    "fetch_and_decode", "make_plan", "model_fingerprint", "run_backfill",
-]
+__all__ = ["BackfillInterrupted", "BackfillPlan", "make_plan", "run_backfill"]
