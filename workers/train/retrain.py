@@ -19,10 +19,8 @@ scores (`eval/`), so that what serves it can be checked against what the job mea
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,15 +29,13 @@ from typing import Any
 import structlog
 import torch
 
-from ramplus_core import RamPlus, Vocabulary, load_checkpoint, load_image, save_pretrained
+from ramplus_core import RamPlus, Vocabulary, load_checkpoint, save_pretrained
 from ramplus_core.evaluation import calibrate_thresholds, label_prior_map, mean_average_precision, precision_recall_f1
-from ramplus_core.preprocess import pil_to_tensor
 from ramplus_core.tagger import create_model
 from ramplus_core.training import LossWeights, RamPlusTraining, build_optimizer, caption_targets, tag_targets, warmup_cosine
 from workers.train.artifacts import publish_artifact, resolve_checkpoint
-from workers.errors import InputError
-from workers.io.fetchers import UriFetcher
-from workers.train.manifest import ManifestRecord, read_manifest
+from workers.train.data import Examples, _shard, load_examples, resolve_uri, split_records
+from workers.train.manifest import read_manifest
 from workers.settings import Settings, TrainSettings
 
 log = structlog.get_logger("ramplus.retrain")
@@ -50,89 +46,6 @@ CHECKPOINT_STATE = "state.json"
 
 
 # -- data ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Examples:
-    pixels: torch.Tensor  # [N, 3, S, S], the official preprocessing
-    tags: list[list[str]]
-    captions: list[list[str]]
-    uris: list[str]
-
-    def __len__(self) -> int:
-        return len(self.uris)
-
-
-def resolve_uri(uri: str, manifest: str) -> str:
-    """Manifest URIs may be relative to the manifest's own location (a dataset that can be moved)."""
-    if "://" in uri:
-        return uri
-    if uri.startswith("/"):
-        return "file://" + uri
-    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
-    if "://" in base:
-        return f"{base}/{uri}"
-    return "file://" + str((Path(base) / uri).resolve())
-
-
-def trusted_fetch_settings(settings: Settings) -> Any:
-    """The fleet's fetch settings, plus the manifest's own bucket or directory: its images are trusted as it is."""
-    fetch = settings.fetch.model_copy(deep=True)
-    manifest = settings.train.manifest or ""
-    if manifest.startswith("s3://"):
-        bucket = manifest[5:].split("/", 1)[0]
-        if bucket not in fetch.s3_buckets:
-            fetch.s3_buckets = [*fetch.s3_buckets, bucket]
-    elif manifest:
-        root = Path(manifest).expanduser().resolve().parent
-        if root not in fetch.file_roots:
-            fetch.file_roots = [*fetch.file_roots, root]
-    return fetch
-
-
-def load_examples(records: list[ManifestRecord], settings: Settings, image_size: int) -> tuple[Examples, dict[str, int]]:
-    """Fetch + decode + preprocess in parallel threads; an unreadable image is counted and skipped."""
-    fetcher = UriFetcher(trusted_fetch_settings(settings), settings.s3)
-    manifest = settings.train.manifest or ""
-    f = settings.fetch
-
-    def one(record: ManifestRecord) -> torch.Tensor | InputError:
-        uri = resolve_uri(record.uri, manifest)
-        try:
-            image = load_image(fetcher.fetch(uri), max_bytes=f.max_bytes, max_pixels=f.max_pixels, name=uri)
-            return pil_to_tensor(image, image_size)
-        except InputError as exc:
-            return exc
-        except Exception as exc:  # noqa: BLE001 - a corrupt image must not stop training
-            return InputError("decode", f"{uri}: {type(exc).__name__}: {exc}")
-
-    with ThreadPoolExecutor(f.concurrency) as pool:
-        loaded = list(pool.map(one, records))
-    failures: dict[str, int] = {}
-    keep = []
-    for record, item in zip(records, loaded):
-        if isinstance(item, InputError):
-            failures[item.kind.value] = failures.get(item.kind.value, 0) + 1
-            log.warning("retrain.image_skipped", uri=record.uri, kind=item.kind.value, reason=str(item))
-        else:
-            keep.append((record, item))
-    fetcher.close()
-    if not keep:
-        return Examples(torch.empty(0, 3, image_size, image_size), [], [], []), failures
-    return Examples(
-        torch.stack([p for _, p in keep]), [r.tags for r, _ in keep], [r.captions for r, _ in keep],
-        [r.uri for r, _ in keep],
-    ), failures
-
-
-def split_records(records: list[ManifestRecord], seed: int) -> tuple[list[ManifestRecord], list[ManifestRecord]]:
-    """Train / validation by the manifest's `split` field; without one, a seeded 20% is held out."""
-    if any(r.split is not None for r in records):
-        return [r for r in records if r.split in (None, "train")], [r for r in records if r.split in ("val", "test")]
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, len(order) // 5)
-    return [records[i] for i in order[cut:]], [records[i] for i in order[:cut]]
 
 
 # -- model, vocabulary, text --------------------------------------------------------------------------------
@@ -209,13 +122,6 @@ def evaluate(model: RamPlus, examples: Examples, batch_size: int = 64) -> tuple[
 
 
 # -- the per-worker loop ------------------------------------------------------------------------------------
-
-
-def _shard(records: list[ManifestRecord], rank: int, world: int, seed: int) -> list[ManifestRecord]:
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    per_rank = len(order) // world
-    return [records[i] for i in order[rank * per_rank : (rank + 1) * per_rank]]
 
 
 def _all_min(value: int) -> int:
