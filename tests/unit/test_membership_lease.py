@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from workers.stream.kafka_io import JOIN_RTT_S, LEASE_MARGIN, MembershipLease
+from workers.stream.membership import JOIN_RTT_S, LEASE_MARGIN, MembershipLease
 
 
 class Clock:

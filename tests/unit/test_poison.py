@@ -20,7 +20,7 @@ from kafka import errors as kafka_errors
 from helpers import jpeg_bytes, make_tiny_model, random_images
 from workers.stream.engine import TaggingEngine
 from workers.errors import DeadLetterRefused, ErrorKind, InputError, SourceUnavailable
-from workers.stream.kafka_io import RECORD_OVERHEAD, KafkaDeadLetters
+from workers.stream.dead_letters import RECORD_OVERHEAD, KafkaDeadLetters
 from fakes import LocalSource, MemoryDeadLetters, MemorySink
 from workers.stream.pipeline import StreamPipeline
 from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_JSON_DEPTH, DeadLetter, SourceRef, TagRequest

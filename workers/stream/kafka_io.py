@@ -1,4 +1,5 @@
-"""Kafka on both ends: the consumer-group source of requests and the dead-letter producer.
+"""The consumer-group source of requests (dead letters go out through workers/stream/dead_letters.py;
+whether writes are still ours is workers/stream/membership.py).
 
 kafka-python 3.0 (pinned), and who runs what:
 - the pipeline's polling thread calls `poll`, `commit`, `pause`, `resume` (the consumer is not thread-safe);
@@ -22,71 +23,20 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
-from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer
-from kafka import errors as KafkaErrors
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTopicPartition
 
-from workers.errors import DeadLetterRefused
 from workers.metrics import ReplicaMetrics
+from workers.stream.membership import MembershipLease
 from workers.stream.offsets import DeliveryGuard
 from workers.stream.records import Record, TopicPartition
-from workers.schemas import DeadLetter
 from workers.settings import KafkaSettings
 
 log = structlog.get_logger("ramplus.kafka")
 # Offset lookups run on the polling thread: with the broker away they must fail fast (and be retried at
 # the next poll) rather than hold the loop for kafka-python's default request timeout of minutes.
 LOOKUP_TIMEOUT_MS = 5_000
-# Of the session timeout, how much a membership lease keeps back for a write already started and for
-# clock granularity; the lease is the rest, counted from the last heartbeat the broker acknowledged.
-LEASE_MARGIN = 0.25
-# How far before the JoinGroup/SyncGroup answer (seen in the assignment callback) the broker may have
-# started our new session: a round trip on the cluster network, with room to spare.
-JOIN_RTT_S = 1.0
-
-
-class MembershipLease:
-    """Whether the broker can still count this consumer as a member of its group, from our side.
-
-    The broker evicts a member whose heartbeats stop for `session_timeout`, and gives its partitions to
-    others, who clean up past the committed offsets and redo them. The evicted member learns of it only at
-    its next successful contact, and until then it would happily write results for partitions it lost:
-    duplicates no cleanup sees any more. So writes are allowed only inside the session the broker last
-    confirmed: an acknowledged heartbeat sent at t (or a join answered at t) keeps us in until
-    t + session_timeout at least; we stop short of that by a margin.
-
-    kafka-python 3 keeps those times on the coordinator's `Heartbeat` (`last_send`, `last_receive`; a
-    heartbeat's send and receive alternate on one loop, so a receive after the last send acknowledges it).
-    The version is pinned; the constructor refuses a consumer without them, rather than guess.
-    """
-
-    def __init__(self, heartbeat: Any, session_timeout_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if not all(hasattr(heartbeat, a) for a in ("last_send", "last_receive")):
-            raise TypeError(f"{type(heartbeat).__name__} has no last_send/last_receive: unsupported kafka-python")
-        self.heartbeat = heartbeat
-        self.length_s = session_timeout_s * (1 - LEASE_MARGIN)
-        self.clock = clock
-        self._confirmed_at = float("-inf")  # the latest send time the broker acknowledged
-        self._was_valid = True
-
-    def joined(self) -> None:
-        """The group just answered our join (called from the assignment callback)."""
-        self._confirmed_at = max(self._confirmed_at, self.clock() - JOIN_RTT_S)
-
-    def valid(self) -> bool:
-        sent, received = self.heartbeat.last_send, self.heartbeat.last_receive
-        if received >= sent:
-            self._confirmed_at = max(self._confirmed_at, sent)
-        return self.clock() < self._confirmed_at + self.length_s
-
-    def check(self) -> tuple[bool, bool]:
-        """(valid now, changed since the last check): for logging transitions once."""
-        valid = self.valid()
-        changed, self._was_valid = valid != self._was_valid, valid
-        return valid, changed
-
-
 class PartitionHooks(Protocol):
     """What the pipeline does when partitions move (called on kafka-python's IO thread, from the listener,
     while the polling thread is blocked inside `poll`). None of these block."""
@@ -404,111 +354,3 @@ class KafkaSource:
                 self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, ends[tp] - position))
         except Exception as exc:  # lag is for graphs: never fail the stream over it
             log.debug("lag.failed", error=str(exc))
-
-
-# What a record adds on the wire to its key, value and headers (record and batch headers, varints), with room.
-RECORD_OVERHEAD = 512
-# A producer's key is kept on its dead letter (same partitioning downstream) unless it is this large.
-MAX_DEAD_LETTER_KEY = 1024
-# Broker answers that mean this record will never be taken as it is; anything else is worth another try.
-_REFUSED = (
-    KafkaErrors.MessageSizeTooLargeError, KafkaErrors.RecordListTooLargeError, KafkaErrors.InvalidRecordError,
-    KafkaErrors.CorruptRecordError, KafkaErrors.PolicyViolationError,
-)
-
-
-def topic_max_message_bytes(settings: KafkaSettings, topic: str, *, timeout_ms: int = 5_000) -> int | None:
-    """The topic's `max.message.bytes` (None when it cannot be read: no such topic yet, no permission)."""
-    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
-
-    try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=settings.bootstrap_servers.split(","), request_timeout_ms=timeout_ms, **settings.client_options
-        )
-    except Exception as exc:
-        log.warning("dead_letter.limit_unknown", topic=topic, error=f"{type(exc).__name__}: {exc}")
-        return None
-    try:
-        configs = admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, configs=["max.message.bytes"])], config_filter="all"
-        )
-        value = configs.get("topic", {}).get(topic, {}).get("max.message.bytes", {}).get("value")
-        return int(value) if value is not None else None
-    except Exception as exc:
-        log.warning("dead_letter.limit_unknown", topic=topic, error=f"{type(exc).__name__}: {exc}")
-        return None
-    finally:
-        admin.close()
-
-
-class KafkaDeadLetters:
-    """Sends a dead letter and waits for the broker's acknowledgement (acks=all).
-
-    A letter always fits: it is measured against the producer's `max_request_size` and the topic's
-    `max.message.bytes` before it is sent, and cut down to its minimum (reason, position, size, digest;
-    `DeadLetter.minimal`) when it does not. Should the broker still refuse it for good (a smaller limit
-    than we read, a policy), the minimal letter is tried once, then `DeadLetterRefused`: the pipeline skips
-    the record instead of retrying for ever. Transient failures (broker away, timeouts) raise as they are.
-    """
-
-    def __init__(
-        self, settings: KafkaSettings, *, client_id: str, timeout_s: float = 30.0, metrics: ReplicaMetrics | None = None,
-        topic_limit: int | None = None, producer: Any = None,
-    ) -> None:
-        self.topic = settings.dead_letter_topic
-        self.timeout_s = timeout_s
-        self.metrics = metrics
-        self.producer = producer or KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
-            client_id=client_id,
-            acks="all",
-            linger_ms=5,
-            request_timeout_ms=int(timeout_s * 1000) // 2,
-            **settings.client_options,
-        )
-        if topic_limit is None and producer is None:
-            topic_limit = topic_max_message_bytes(settings, self.topic)
-        limits = [self.producer.config["max_request_size"]] + ([topic_limit] if topic_limit else [])
-        self.max_record_bytes = min(limits) - RECORD_OVERHEAD
-
-    def send(self, letter: DeadLetter, key: bytes | None) -> None:
-        if key is not None and len(key) > MAX_DEAD_LETTER_KEY:
-            key = letter.letter_id.encode()
-        value = letter.model_dump_json().encode()
-        if self._size(key, value, letter) > self.max_record_bytes:
-            log.warning("dead_letter.cut", letter_id=letter.letter_id, bytes=len(value), limit=self.max_record_bytes)
-            letter, value = self._cut(letter)
-        try:
-            self._send(letter, key, value)
-        except _REFUSED as exc:
-            if letter.encoding in ("omitted", "none") and letter.original == "":
-                raise DeadLetterRefused(f"{self.topic} refused even the minimal dead letter: {type(exc).__name__}: {exc}") from exc
-            log.warning("dead_letter.refused", letter_id=letter.letter_id, error=f"{type(exc).__name__}: {exc}",
-                        detail="sending it without the record's value")
-            letter, value = self._cut(letter)
-            try:
-                self._send(letter, key, value)
-            except _REFUSED as again:
-                raise DeadLetterRefused(
-                    f"{self.topic} refused even the minimal dead letter: {type(again).__name__}: {again}"
-                ) from again
-
-    def _cut(self, letter: DeadLetter) -> tuple[DeadLetter, bytes]:
-        if self.metrics is not None:
-            self.metrics.dead_letters_cut.inc()
-        minimal = letter.minimal()
-        return minimal, minimal.model_dump_json().encode()
-
-    @staticmethod
-    def _headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
-        return [("ramplus-error-kind", letter.error.kind.value.encode()), ("ramplus-letter-id", letter.letter_id.encode())]
-
-    def _size(self, key: bytes | None, value: bytes, letter: DeadLetter) -> int:
-        return len(value) + len(key or b"") + sum(len(k) + len(v) for k, v in self._headers(letter))
-
-    def _send(self, letter: DeadLetter, key: bytes | None, value: bytes) -> None:
-        future = self.producer.send(self.topic, key=key, value=value, headers=self._headers(letter))
-        future.get(timeout=self.timeout_s)
-
-    def close(self) -> None:
-        self.producer.close(timeout=5)

@@ -23,7 +23,8 @@ from ramplus_core import RamPlus, Vocabulary, load_checkpoint
 from workers.stream.engine import TaggingEngine
 from workers.io.fetchers import UriFetcher
 from workers.stream.kafka_codecs import check_codecs
-from workers.stream.kafka_io import KafkaDeadLetters, KafkaSource
+from workers.stream.dead_letters import KafkaDeadLetters
+from workers.stream.kafka_io import KafkaSource
 from workers.metrics import ReplicaMetrics
 from workers.stream.pipeline import StreamPipeline
 from workers.stream.s3_sink import S3ResultSink
