@@ -1,0 +1,51 @@
+"""What the stream pipeline needs of its surroundings: a source of records, a result sink, a dead-letter
+sink, a fetcher and an engine. The fleet plugs in Kafka, S3 and the tagging engine (workers/stream/replica.py);
+tests plug in fakes (tests/fakes.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from ramplus_core.tagging import ImageTags
+from workers.schemas import DeadLetter, TagResult
+from workers.stream.records import Record, TopicPartition
+
+
+class Source(Protocol):
+    def poll(self, timeout_s: float) -> list[Record]: ...
+    def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+    def pause(self, tps: list[TopicPartition]) -> None: ...
+    def resume(self, tps: list[TopicPartition]) -> None: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def write_allowed(self) -> bool:
+        """False while this replica cannot be sure it still owns its partitions (see KafkaSource)."""
+    def close(self) -> None: ...
+
+
+class ResultSink(Protocol):
+    def write(self, tp: TopicPartition, results: list[TagResult]) -> str:
+        """Durable when it returns; the same records written again overwrite, never duplicate.
+        Returns a handle for `withdraw`."""
+    def withdraw(self, handle: str) -> None:
+        """Remove what one `write` of this sink wrote, and nothing else (idempotent)."""
+
+
+class DeadLetterSink(Protocol):
+    def send(self, letter: DeadLetter, key: bytes | None) -> None:
+        """Acknowledged when it returns; `DeadLetterRefused` when it can never be (anything else is retried)."""
+
+
+class Fetcher(Protocol):
+    def fetch(self, uri: str) -> bytes:
+        """The bytes, an `InputError` (the request's fault) or `SourceUnavailable` (retried until it is back)."""
+
+
+class Engine(Protocol):
+    model_id: str
+
+    def decode(self, data: bytes, name: str) -> torch.Tensor: ...
+    def vocabulary_for(self, ref: str) -> Any: ...
+    def infer(self, pixels: list[torch.Tensor], vocabularies: list[Any] | None = None) -> list[ImageTags]: ...
