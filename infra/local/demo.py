@@ -17,24 +17,22 @@
    with `--checkpoint`, the real photos tagged by the official RAM++ as well.
 
 It stops what it started (servers that were already running stay up) and prints where everything is.
+
+A little past the house's 400 lines: the script is the product's tour and reads top to bottom, one function
+per step above. What it reports and the Ray head it starts are beside it (demo_report.py, local_ray.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, Optional
@@ -45,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `infra.local` (the stack and its kit) lives in the repository, not the wheel
 
 from infra.local import kit  # noqa: E402
-sys.path.insert(0, str(ROOT))
+from infra.local.local_ray import LocalRay  # noqa: E402
+from infra.local.demo_report import DemoResult, Timings, print_summary, say, summary_dict, write_report  # noqa: E402
 
 BUCKET = "ramplus-demo"
 VOCAB = "demo"  # the demo owns this vocabulary name in Redis and recreates it on every run
@@ -72,81 +71,6 @@ class Recipe:
 
 FULL = Recipe(images=1000, epochs=30, max_minutes=3.0, stream=240, backfill=120)
 QUICK = Recipe(images=400, epochs=6, max_minutes=1.0, stream=60, backfill=30)
-
-
-@dataclass
-class Timings:
-    phases: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        say(f"== {name}")
-        t0 = time.monotonic()
-        try:
-            yield
-        finally:
-            self.phases[name] = time.monotonic() - t0
-            say(f"   {name}: {self.phases[name]:.0f} s")
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
-@dataclass
-class LocalRay:
-    """A Ray head of the demo's own (`ray start --head`), every port free-picked and a temp dir of its own, so
-    that another Ray on the machine (a notebook's, a test session's) neither blocks it nor gets stopped by it:
-    `ray stop` would stop them all, so `stop` ends only the processes of this head."""
-
-    temp: Path
-    gcs: str
-    dashboard: str
-
-    @classmethod
-    def start(cls, num_cpus: int) -> LocalRay:
-        temp = Path(f"/tmp/ray-demo-{uuid.uuid4().hex[:6]}")  # short: Ray's socket paths have a length limit
-        ports = {flag: kit.free_port() for flag in (
-            "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")}
-        # The job's `python` and the workers' are this environment's.
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        env.pop("RAY_ADDRESS", None)
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", *(f"{k}={v}" for k, v in ports.items()),
-             "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-             f"--temp-dir={temp}"],
-            env=env, capture_output=True, text=True, timeout=180,
-        )
-        head = cls(temp, f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}")
-        if done.returncode != 0:
-            head.stop()
-            raise RuntimeError(f"ray start --head failed ({done.returncode}):\n{done.stderr[-2000:]}")
-        return head
-
-    def stop(self) -> None:
-        import ray  # noqa: F401 - puts the psutil that Ray bundles on the path
-        import psutil
-
-        doomed: dict[int, psutil.Process] = {}
-        port = ":" + self.gcs.rsplit(":", 1)[1]  # some daemons name the GCS address, not the temp dir
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                line = " ".join(proc.info["cmdline"] or ())
-                if str(self.temp) in line or port in line:
-                    doomed[proc.pid] = proc
-                    doomed.update({child.pid: child for child in proc.children(recursive=True)})
-            except psutil.Error:
-                continue
-        doomed.pop(os.getpid(), None)
-        for proc in doomed.values():
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(list(doomed.values()), timeout=10)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -535,75 +459,6 @@ def run_demo(
     print_summary(ctx, timings, total)
     (out / "summary.json").write_text(json.dumps(summary_dict(ctx, timings, total), indent=2, default=str))
     say(f"report: {report}\nsummary: {out / 'summary.json'}\ndone in {total:.0f} s")
-
-
-@dataclass
-class DemoResult:
-    stamp: str
-    artifact: str
-    metrics: dict[str, Any]
-    trained: bool
-    results: list[dict[str, Any]]
-    backfilled: list[dict[str, Any]]
-    official: list[dict[str, Any]]
-    checkpoint: str | None
-    dead_letters: list[dict[str, Any]]
-    switched: bool  # every replica ended on demo@2
-    backfill: dict[str, Any]
-    requests: int
-
-
-def summary_dict(ctx: DemoResult, timings: Timings, total: float) -> dict[str, Any]:
-    final = ctx.metrics.get("final", {})
-    ids = Counter(r["id"] for r in ctx.results)
-    return {
-        "run": ctx.stamp,
-        "model": ctx.artifact + (" (trained now)" if ctx.trained else " (reused)"),
-        "held-out mAP / label prior": f"{final.get('val_map', float('nan')):.3f} / {final.get('prior_map', float('nan')):.3f}",
-        "stream requests": ctx.requests,
-        "stream results (distinct ids, duplicates)": f"{len(ids)}, {sum(n - 1 for n in ids.values())}",
-        "dead letters by kind": dict(sorted(Counter(d["error"]["kind"] for d in ctx.dead_letters).items())),
-        "results per vocabulary": dict(sorted(Counter(r["vocab"] for r in ctx.results).items())),
-        "every replica on demo@2": ctx.switched,
-        "backfill tagged / errors / skipped": f"{ctx.backfill['images_tagged']} / {sum(ctx.backfill['errors'].values())} / {ctx.backfill['images_skipped']}",
-        "photos tagged with --checkpoint": f"{len(ctx.official)} ({ctx.checkpoint})" if ctx.checkpoint else "not run (no --checkpoint)",
-        "seconds by phase": {k: round(v, 1) for k, v in timings.phases.items()},
-        "seconds in all": round(total, 1),
-    }
-
-
-def _flat(value: Any) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
-
-
-def print_summary(ctx: DemoResult, timings: Timings, total: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="RAMPlus demo", show_header=False)
-    for key, value in summary_dict(ctx, timings, total).items():
-        table.add_row(key, _flat(value))
-    Console(width=140).print(table)
-
-
-def write_report(out: Path, ctx: DemoResult, images: dict[str, bytes], timings: Timings) -> Path:
-    from workers.train.report import Report, render, report_images
-    from workers.schemas import TagResult
-
-    stream = [TagResult.model_validate(r) for r in sorted(ctx.results, key=lambda r: r["ts"])]
-    backfill = [TagResult.model_validate(r) for r in sorted(ctx.backfilled, key=lambda r: r["uri"])]
-    official = [
-        TagResult(id=Path(r["path"]).stem, uri=r["uri"], tags=r["tags"], vocab=r["vocab"], model=r["model"], worker="ramplus tag")
-        for r in ctx.official
-    ]
-    summary = {k: _flat(v) for k, v in summary_dict(ctx, timings, sum(timings.phases.values())).items()
-               if k not in ("results per vocabulary", "seconds in all")}
-    items = (report_images(stream, images, path="stream (Kafka -> fleet -> S3)")
-             + report_images(backfill, images, path="backfill (S3 prefix -> Ray Data -> S3)")
-             + report_images(official, images, path=f"{Path(str(ctx.checkpoint)).name} (ramplus tag)"))
-    page = out / "report.html"
-    page.write_text(render(Report("RAMPlus demo: " + ctx.stamp, summary, items)), encoding="utf-8")
-    return page
 
 
 if __name__ == "__main__":

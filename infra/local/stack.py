@@ -19,6 +19,9 @@ Layout under ``--home`` (env RAMPLUS_STACK_HOME, default ``<repo>/var/stack``)::
 
 Importable API: ``StackConfig``, ``up``, ``down``, ``status``, ``is_running``, ``is_ready``, ``start``,
 ``stop``, ``env``, ``install``, ``StackError``.
+
+One file, past the house's 400 lines, on purpose: it must run by path with a bare ``python3`` before
+anything is installed (CI's first step, a fresh machine), where it cannot import its siblings.
 """
 
 from __future__ import annotations
