@@ -15,6 +15,7 @@ nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -143,10 +144,8 @@ class _StopRequest:
 
 def run_backfill(settings: Settings, *, progress: bool | None = None) -> BackfillSummary:
     """Plan, tag what is not done, write shards as they complete; returns (and writes) the summary."""
-    from tqdm import tqdm
-
-    from workers.stream.replica import load_model
     from workers.io.s3 import s3_client
+    from workers.stream.replica import load_model
 
     b = settings.backfill
     if not b.input or not b.output:
@@ -158,21 +157,31 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
     vocab, vocab_ref = _resolve_vocab(settings, model)
     client = s3_client(settings.s3)
     plan = make_plan(settings, client, model, fingerprint, vocab_ref, progress=show)
-    summary = plan.summary
-    errors: Counter[str] = Counter()
-    log.info("backfill.plan", **summary.model_dump(include={"input", "output", "listed", "selected", "shards", "shards_skipped", "shards_retried"}),
+    log.info("backfill.plan", **plan.summary.model_dump(include={"input", "output", "listed", "selected", "shards", "shards_skipped", "shards_retried"}),
              shards_todo=len(plan.todo))
-
-    # The input bucket is trusted as the operator named it; nothing else is fetched.
-    fetch = settings.fetch.model_copy(deep=True)
-    if not fetch.bucket_allowed(plan.bucket):
-        fetch.s3_buckets = [*fetch.s3_buckets, plan.bucket]
     writer = ShardWriter(client, plan.out_bucket, plan.run, b.format, {s.name: len(s.objects) for s in plan.todo})
+    errors: Counter[str] = Counter()
+    items = _report_too_large(plan, writer, errors, limit=b.max_bytes or settings.fetch.max_bytes)
+    rows = _pipeline(settings, plan, _trusting(settings.fetch, plan.bucket), model, fingerprint, vocab, vocab_ref, items)
+    rate = _tag(rows if items else iter(()), len(items), plan, writer, errors, progress=show)
+    return _finish(client, plan, writer, errors, rate, started)
+
+
+def _trusting(fetch: FetchSettings, bucket: str) -> FetchSettings:
+    """The fetch settings plus the input bucket: it is trusted as the operator named it; nothing else is fetched."""
+    fetch = fetch.model_copy(deep=True)
+    if not fetch.bucket_allowed(bucket):
+        fetch.s3_buckets = [*fetch.s3_buckets, bucket]
+    return fetch
+
+
+def _report_too_large(plan: BackfillPlan, writer: ShardWriter, errors: Counter[str], *, limit: int) -> list[dict[str, Any]]:
+    """Objects the listing showed too large go straight to their shard's error report (never read); returns
+    the rest, as the pipeline's input rows."""
     items: list[dict[str, Any]] = []
     for shard in plan.todo:
         for obj in shard.objects:
             if obj.key in plan.too_large:
-                limit = b.max_bytes or settings.fetch.max_bytes
                 line = BackfillError(
                     uri=f"s3://{plan.bucket}/{obj.key}", kind=ErrorKind.TOO_LARGE, size=obj.size, etag=obj.etag,
                     message=f"{obj.size} bytes, over the {limit}-byte limit (RAMPLUS_BACKFILL__MAX_BYTES); not read",
@@ -181,22 +190,53 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
                 writer.add(shard.name, obj.key, False, line)
             else:
                 items.append({"key": obj.key, "shard": shard.name, "size": obj.size, "etag": obj.etag})
+    return items
 
-    bar = tqdm(total=len(items), desc="tagging", unit="img", disable=not show, mininterval=1.0, smoothing=0.1)
+
+@dataclass
+class _Rate:
+    """When tagging started, how many rows came back, and (rows, time) once the first tenth was in."""
+
+    started: float
+    processed: int = 0
+    steady_from: tuple[int, float] = (0, 0.0)
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[_StopRequest]:
+    """SIGINT and SIGTERM (`ray job stop`) ask the tagging loop to stop, while it runs (main thread only)."""
     stop = _StopRequest()
-    handled = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `ray job stop` sends SIGTERM
+    handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in handled}
-    if threading.current_thread() is threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    if main:
         for sig in handled:
             signal.signal(sig, stop)
-    tag_started = time.monotonic()
-    processed, tenth, steady_from = 0, max(1, len(items) // 10), (0, tag_started)
     try:
-        if items:
-            for row in _pipeline(settings, plan, fetch, model, fingerprint, vocab, vocab_ref, items):
-                processed += 1
-                if processed == tenth:
-                    steady_from = (processed, time.monotonic())
+        yield stop
+    finally:
+        if main:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _tag(
+    rows: Iterator[dict[str, Any]], total: int, plan: BackfillPlan, writer: ShardWriter, errors: Counter[str], *, progress: bool,
+) -> _Rate:
+    """Hand each row to its shard (written when complete); sets `summary.complete` unless interrupted."""
+    from tqdm import tqdm
+
+    summary = plan.summary
+    rate = _Rate(started=time.monotonic())
+    rate.steady_from = (0, rate.started)
+    tenth = max(1, total // 10)
+    bar = tqdm(total=total, desc="tagging", unit="img", disable=not progress, mininterval=1.0, smoothing=0.1)
+    try:
+        with _stop_requests() as stop:
+            for row in rows:
+                rate.processed += 1
+                if rate.processed == tenth:
+                    rate.steady_from = (rate.processed, time.monotonic())
                 ok = not row["error_kind"]
                 if ok:
                     summary.images_tagged += 1
@@ -210,9 +250,12 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
         log.warning("backfill.interrupted", shards_written=writer.written, shards_unfinished=len(plan.todo) - writer.written)
     finally:
         bar.close()
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    return rate
+
+
+def _finish(client: Any, plan: BackfillPlan, writer: ShardWriter, errors: Counter[str], rate: _Rate, started: float) -> BackfillSummary:
+    """Remove what a complete run superseded, count, write `summary.json`; raises if the run was interrupted."""
+    summary = plan.summary
     if summary.complete:
         for keys in plan.superseded.values():
             for key in keys:
@@ -220,12 +263,13 @@ def run_backfill(settings: Settings, *, progress: bool | None = None) -> Backfil
         summary.shards_superseded = len(plan.superseded)
     summary.shards_written, summary.images_written = writer.written, writer.images
     summary.errors = dict(sorted(errors.items()))
-    summary.seconds = round(time.monotonic() - started, 3)
-    tag_seconds = time.monotonic() - tag_started
+    now = time.monotonic()
+    summary.seconds = round(now - started, 3)
+    tag_seconds = now - rate.started
     summary.images_per_s = round(summary.images_tagged / tag_seconds, 2) if tag_seconds > 0 else 0.0
-    steady_seconds = time.monotonic() - steady_from[1]
-    if processed > steady_from[0] and steady_seconds > 0:
-        summary.images_per_s_steady = round((processed - steady_from[0]) / steady_seconds, 2)
+    steady_rows, steady_at = rate.steady_from
+    if rate.processed > steady_rows and now - steady_at > 0:
+        summary.images_per_s_steady = round((rate.processed - steady_rows) / (now - steady_at), 2)
     client.put_object(Bucket=plan.out_bucket, Key=f"{plan.run}summary.json", Body=summary.model_dump_json(indent=2).encode())
     log.info("backfill.done", **summary.model_dump(exclude={"input", "output", "fingerprint"}))
     if not summary.complete:
