@@ -18,7 +18,7 @@ from ramplus_core.preprocess import pil_to_tensor
 from workers.errors import InputError
 from workers.io.fetchers import UriFetcher
 from workers.settings import Settings
-from workers.train.manifest import ManifestRecord
+from workers.train.manifest import ManifestRecord, resolve_uri
 
 log = structlog.get_logger("ramplus.retrain")
 
@@ -34,16 +34,11 @@ class Examples:
         return len(self.uris)
 
 
-def resolve_uri(uri: str, manifest: str) -> str:
-    """Manifest URIs may be relative to the manifest's own location (a dataset that can be moved)."""
-    if "://" in uri:
-        return uri
-    if uri.startswith("/"):
-        return "file://" + uri
-    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
-    if "://" in base:
-        return f"{base}/{uri}"
-    return "file://" + str((Path(base) / uri).resolve())
+def fetchable_uri(manifest: str, uri: str) -> str:
+    """A record's location as the fetchers take it: relative ones from the manifest's folder, local paths as
+    file:// URIs (absolute)."""
+    location = resolve_uri(manifest, uri)
+    return location if "://" in location else "file://" + str(Path(location).resolve())
 
 
 def trusted_fetch_settings(settings: Settings) -> Any:
@@ -68,7 +63,7 @@ def load_examples(records: list[ManifestRecord], settings: Settings, image_size:
     f = settings.fetch
 
     def one(record: ManifestRecord) -> torch.Tensor | InputError:
-        uri = resolve_uri(record.uri, manifest)
+        uri = fetchable_uri(manifest, record.uri)
         try:
             image = load_image(fetcher.fetch(uri), max_bytes=f.max_bytes, max_pixels=f.max_pixels, name=uri)
             return pil_to_tensor(image, image_size)
@@ -106,7 +101,8 @@ def split_records(records: list[ManifestRecord], seed: int) -> tuple[list[Manife
     return [records[i] for i in order[cut:]], [records[i] for i in order[:cut]]
 
 
-def _shard(records: list[ManifestRecord], rank: int, world: int, seed: int) -> list[ManifestRecord]:
+def shard_records(records: list[ManifestRecord], rank: int, world: int, seed: int) -> list[ManifestRecord]:
+    """Rank `rank`'s equal share of `records`, seeded: every rank the same count (DDP steps in lockstep)."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     per_rank = len(order) // world

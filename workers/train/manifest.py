@@ -64,7 +64,7 @@ def resolve_uri(manifest: str | Path, uri: str) -> str:
     if "://" in uri or Path(uri).is_absolute():
         return uri
     manifest = str(manifest)
-    if manifest.startswith("s3://"):
+    if "://" in manifest:  # s3://, or any URL: the folder is everything up to the last slash
         return manifest.rsplit("/", 1)[0] + "/" + uri
     return str(Path(manifest).parent / uri)
 

@@ -34,7 +34,7 @@ from ramplus_core.evaluation import calibrate_thresholds, label_prior_map, mean_
 from ramplus_core.tagger import create_model
 from ramplus_core.training import LossWeights, RamPlusTraining, build_optimizer, caption_targets, tag_targets, warmup_cosine
 from workers.train.artifacts import publish_artifact, resolve_checkpoint
-from workers.train.data import Examples, _shard, load_examples, resolve_uri, split_records
+from workers.train.data import Examples, fetchable_uri, load_examples, shard_records, split_records
 from workers.train.manifest import read_manifest
 from workers.settings import Settings, TrainSettings
 
@@ -140,6 +140,18 @@ def _any(flag: bool) -> bool:
     return flag
 
 
+@dataclass
+class _RankData:
+    """What one rank trains on: its share of the images, their captions embedded once, the batch geometry."""
+
+    mine: Examples
+    val: Examples | None  # rank 0 only
+    caption_bank: torch.Tensor  # [captions, dim], frozen text embeddings
+    caption_index: dict[str, int]
+    per_rank_batch: int
+    steps_per_epoch: int
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: `config["settings"]` is the Settings as JSON-able data."""
     import ray.train
@@ -157,14 +169,48 @@ def train_loop(config: dict[str, Any]) -> None:
 
     vocabulary = load_training_vocabulary(train.vocabulary, settings)
     model = initial_model(train, vocabulary, settings)
-    image_size = model.config.image_size
+    data = _rank_data(settings, rank, world, model.config.image_size, wlog)
+    teacher = None
+    if train.teacher and train.distill_weight > 0:
+        teacher = load_checkpoint(resolve_checkpoint(train.teacher, settings.s3)).to(device).eval()
+    step_module = RamPlusTraining(model, vocabulary, LossWeights(train.tag_weight, train.text_weight, train.distill_weight))
+    step_module = ray.train.torch.prepare_model(step_module)
+    inner: RamPlusTraining = step_module.module if hasattr(step_module, "module") else step_module
+    optimizer = build_optimizer(inner.model, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, train.epochs * data.steps_per_epoch)
+    state = _restore(ray.train.get_checkpoint(), inner.model, optimizer, scheduler, wlog)
+
+    generator = torch.Generator()
+    for epoch in range(state["epoch"], train.epochs):
+        generator.manual_seed(train.seed * 1000 + rank * 100_000 + epoch)
+        epoch_start = time.monotonic()
+        step_module.train()
+        means, steps, out_of_time = _train_epoch(
+            step_module, optimizer, scheduler, data, vocabulary, teacher, generator, train, device, state, started,
+        )
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1, "step": state["step"], **means,
+            "images_per_s": steps * data.per_rank_batch * world / max(1e-9, time.monotonic() - epoch_start),
+            "elapsed_s": time.monotonic() - started,
+        }
+        state["epoch"] = epoch + 1
+        _report_epoch(metrics, rank, inner.model, data.val, optimizer, scheduler, state)
+        wlog.info("retrain.epoch", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        if out_of_time:
+            wlog.info("retrain.time_limit", minutes=train.max_minutes, step=state["step"])
+            break
+
+
+def _rank_data(settings: Settings, rank: int, world: int, image_size: int, wlog: Any) -> _RankData:
+    """This rank's share of the training split (and the validation split on rank 0), decoded once; every
+    caption embedded once by the frozen text encoder."""
+    train = settings.train
     records = read_manifest(train.manifest or "", s3=settings.s3)
     train_records, val_records = split_records(records, train.seed)
-    mine, failures = load_examples(_shard(train_records, rank, world, train.seed), settings, image_size)
+    mine, failures = load_examples(shard_records(train_records, rank, world, train.seed), settings, image_size)
     val = load_examples(val_records, settings, image_size)[0] if rank == 0 else None
     encoder = text_encoder(train, torch.device("cpu"))
     captions = sorted({c for cs in mine.captions for c in cs})
-    caption_index = {c: i for i, c in enumerate(captions)}
     caption_bank = encoder.encode(captions).clone()  # a normal tensor: inference-mode ones cannot be saved for backward
     del encoder
     per_rank_batch = max(1, train.batch_size // world)
@@ -173,86 +219,79 @@ def train_loop(config: dict[str, Any]) -> None:
         raise ValueError(f"rank {rank}: {len(mine)} usable training images, fewer than one batch of {per_rank_batch}")
     wlog.info("retrain.data", images=len(mine), skipped=failures, captions=len(captions), steps_per_epoch=steps_per_epoch,
               val_images=len(val) if val is not None else None)
+    return _RankData(mine, val, caption_bank, {c: i for i, c in enumerate(captions)}, per_rank_batch, steps_per_epoch)
 
-    teacher = None
-    if train.teacher and train.distill_weight > 0:
-        teacher = load_checkpoint(resolve_checkpoint(train.teacher, settings.s3)).to(device).eval()
-    step_module = RamPlusTraining(model, vocabulary, LossWeights(train.tag_weight, train.text_weight, train.distill_weight))
-    step_module = ray.train.torch.prepare_model(step_module)
-    inner: RamPlusTraining = step_module.module if hasattr(step_module, "module") else step_module
-    optimizer = build_optimizer(inner.model, lr=train.lr, weight_decay=train.weight_decay)
-    total_steps = train.epochs * steps_per_epoch
-    scheduler = warmup_cosine(optimizer, train.warmup_steps, total_steps)
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            restored = load_checkpoint(Path(d) / CHECKPOINT_MODEL)
-            inner.model.load_state_dict(restored.state_dict())
-            opt = torch.load(Path(d) / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(opt["optimizer"])
-            scheduler.load_state_dict(opt["scheduler"])
-            state = read_training_state(Path(d))
-        wlog.info("retrain.resumed", epoch=state["epoch"], step=state["step"])
+def _restore(checkpoint: Any, model: RamPlus, optimizer: Any, scheduler: Any, wlog: Any) -> dict[str, Any]:
+    """The training state to go on from: the run's last checkpoint (weights, optimizer, schedule), or a fresh one."""
+    if checkpoint is None:
+        return {"epoch": 0, "step": 0, "history": []}
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_MODEL).state_dict())
+        opt = torch.load(Path(d) / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        state = read_training_state(Path(d))
+    wlog.info("retrain.resumed", epoch=state["epoch"], step=state["step"])
+    return state
 
+
+def _train_epoch(
+    step_module: Any, optimizer: Any, scheduler: Any, data: _RankData, vocabulary: Vocabulary, teacher: RamPlus | None,
+    generator: torch.Generator, train: TrainSettings, device: torch.device, state: dict[str, Any], started: float,
+) -> tuple[dict[str, float], int, bool]:
+    """One pass over this rank's images: (mean losses, steps taken, whether the time limit stopped it)."""
+    mine, batch = data.mine, data.per_rank_batch
+    order = torch.randperm(len(mine), generator=generator)
+    sums = {"loss": 0.0, "tag": 0.0, "text": 0.0}
     use_amp = device.type == "cuda"
-    generator = torch.Generator().manual_seed(train.seed * 1000 + rank)
-    stop = False
-    for epoch in range(state["epoch"], train.epochs):
-        generator.manual_seed(train.seed * 1000 + rank * 100_000 + epoch)
-        order = torch.randperm(len(mine), generator=generator)
-        sums = {"loss": 0.0, "tag": 0.0, "text": 0.0}
-        epoch_start = time.monotonic()
-        step_module.train()
-        for b in range(steps_per_epoch):
-            idx = order[b * per_rank_batch : (b + 1) * per_rank_batch]
-            images = mine.pixels[idx]
-            if train.flip:
-                flips = torch.rand(len(idx), generator=generator) < 0.5
-                images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-            picked = [mine.captions[i][int(torch.randint(len(mine.captions[i]), (1,), generator=generator))] for i in idx.tolist()]
-            batch_captions = sorted(set(picked))
-            cap = caption_bank[[caption_index[c] for c in batch_captions]]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = step_module(
-                    images.to(device), tag_targets([mine.tags[i] for i in idx.tolist()], vocabulary.tags).to(device),
-                    cap.to(device), caption_targets([mine.captions[i] for i in idx.tolist()], batch_captions).to(device),
-                    teacher.encode_image(images.to(device))[:, 0] if teacher is not None else None,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
-            for k in sums:
-                if k in out:
-                    sums[k] += float(out[k].detach())
-            if train.max_minutes is not None and _any(time.monotonic() - started > train.max_minutes * 60):
-                stop = True
-                break
-        done = b + 1
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "step": state["step"],
-            **{f"train_{k}": v / done for k, v in sums.items()},
-            "images_per_s": done * per_rank_batch * world / max(1e-9, time.monotonic() - epoch_start),
-            "elapsed_s": time.monotonic() - started,
-        }
-        state["epoch"] = epoch + 1
-        if rank == 0:
-            assert val is not None
-            _, val_metrics = evaluate(inner.model, val)
-            metrics |= val_metrics
-            state["history"].append(metrics)
-            with tempfile.TemporaryDirectory() as tmp:
-                save_training_checkpoint(Path(tmp), inner.model, optimizer, scheduler, state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics, checkpoint=None)
-        wlog.info("retrain.epoch", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-        if stop:
-            wlog.info("retrain.time_limit", minutes=train.max_minutes, step=state["step"])
+    out_of_time = False
+    for b in range(data.steps_per_epoch):
+        idx = order[b * batch : (b + 1) * batch]
+        images = mine.pixels[idx]
+        if train.flip:
+            flips = torch.rand(len(idx), generator=generator) < 0.5
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        picked = [mine.captions[i][int(torch.randint(len(mine.captions[i]), (1,), generator=generator))] for i in idx.tolist()]
+        batch_captions = sorted(set(picked))
+        cap = data.caption_bank[[data.caption_index[c] for c in batch_captions]]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = step_module(
+                images.to(device), tag_targets([mine.tags[i] for i in idx.tolist()], vocabulary.tags).to(device),
+                cap.to(device), caption_targets([mine.captions[i] for i in idx.tolist()], batch_captions).to(device),
+                teacher.encode_image(images.to(device))[:, 0] if teacher is not None else None,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        for k in sums:
+            if k in out:
+                sums[k] += float(out[k].detach())
+        if train.max_minutes is not None and _any(time.monotonic() - started > train.max_minutes * 60):
+            out_of_time = True
             break
+    steps = b + 1
+    return {f"train_{k}": v / steps for k, v in sums.items()}, steps, out_of_time
+
+
+def _report_epoch(
+    metrics: dict[str, Any], rank: int, model: RamPlus, val: Examples | None, optimizer: Any, scheduler: Any,
+    state: dict[str, Any],
+) -> None:
+    """Rank 0 evaluates, records the epoch and reports it with a checkpoint; the other ranks report metrics only."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    assert val is not None
+    metrics |= evaluate(model, val)[1]
+    state["history"].append(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_training_checkpoint(Path(tmp), model, optimizer, scheduler, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
@@ -346,5 +385,5 @@ def publish_model(model: RamPlus, settings: Settings, state: dict[str, Any], des
         from safetensors.torch import save_file
 
         save_file({"scores": scores.contiguous()}, str(out / "eval" / "val_scores.safetensors"))
-        (out / "eval" / "val_uris.json").write_text(json.dumps([resolve_uri(u, train.manifest or "") for u in val.uris]))
+        (out / "eval" / "val_uris.json").write_text(json.dumps([fetchable_uri(train.manifest or "", u) for u in val.uris]))
         return publish_artifact(out, dest, settings.s3)
