@@ -78,9 +78,8 @@ def main() -> None:
     import boto3
     import ray
     from kafka import KafkaProducer
-    from kafka.admin import KafkaAdminClient, NewTopic
 
-    from infra.local.kit import wait_until
+    from infra.local.kit import make_topics, wait_until
 
     from workers.stream.fleet import Fleet
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
@@ -104,9 +103,7 @@ def main() -> None:
     s3.create_bucket(Bucket=bucket)
     for i, data in enumerate(jpegs):
         s3.put_object(Bucket=bucket, Key=f"img/{i:05d}.jpg", Body=data)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(topic, 4, 1), NewTopic(topic + ".dlq", 1, 1)])
-    admin.close()
+    make_topics(bootstrap, topic)
 
     settings = Settings(
         kafka=KafkaSettings(bootstrap_servers=bootstrap, topic=topic, group_id=f"g-{run}", dead_letter_topic=topic + ".dlq"),

@@ -59,10 +59,9 @@ def main() -> None:
     import ray
     import redis
     from kafka import KafkaProducer
-    from kafka.admin import KafkaAdminClient, NewTopic
 
     from ramplus_core import Vocabulary, create_model, save_pretrained
-    from infra.local.kit import wait_until
+    from infra.local.kit import make_topics, wait_until
     from workers.stream.fleet import Fleet
     from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
     from workers.vocab.store import VocabStore
@@ -90,9 +89,7 @@ def main() -> None:
     jpegs = make_jpegs(20, size=(160, 120))
     for i, data in enumerate(jpegs):
         s3.put_object(Bucket=bucket, Key=f"img/{i}.jpg", Body=data)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(topic, 4, 1), NewTopic(topic + ".dlq", 1, 1)])
-    admin.close()
+    make_topics(bootstrap, topic)
 
     settings = Settings(
         kafka=KafkaSettings(bootstrap_servers=bootstrap, topic=topic, group_id=f"g-{run}", dead_letter_topic=topic + ".dlq"),

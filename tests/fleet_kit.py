@@ -10,24 +10,11 @@ import json
 import urllib.request
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.structs import TopicPartition
 
 from helpers import jpeg_bytes, random_images
-from infra.local.kit import dead_letters, free_port, wait_until  # noqa: F401 (re-exported for the fleet tests)
+from infra.local.kit import PARTITIONS, dead_letters, free_port, make_topics, wait_until  # noqa: F401 (re-exported for the fleet tests)
 from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, S3Settings, Settings
-
-PARTITIONS = 4
-
-
-def make_topics(bootstrap: str, name: str, configs: dict[str, str] | None = None) -> tuple[str, str]:
-    """The request topic (PARTITIONS, with topic `configs`) and its dead-letter topic."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(name, PARTITIONS, 1, topic_configs=configs or {}), NewTopic(name + ".dlq", 1, 1)])
-    finally:
-        admin.close()
-    return name, name + ".dlq"
 
 
 def fleet_settings(

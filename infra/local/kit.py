@@ -62,3 +62,20 @@ def dead_letters(bootstrap: str, topic: str, expected: int, timeout_s: float = 6
     finally:
         consumer.close()
     return letters
+
+
+PARTITIONS = 4  # of a request topic made by make_topics: enough for two replicas to share
+
+
+def make_topics(
+    bootstrap: str, name: str, configs: dict[str, str] | None = None, *, partitions: int = PARTITIONS,
+) -> tuple[str, str]:
+    """A request topic (`partitions`, with topic `configs`) and its dead-letter topic `<name>.dlq`."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {}), NewTopic(name + ".dlq", 1, 1)])
+    finally:
+        admin.close()
+    return name, name + ".dlq"
