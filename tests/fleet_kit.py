@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import urllib.request
+import uuid
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
@@ -125,3 +126,19 @@ def wait_for_ids(s3_client, bucket: str, wanted: set[str], timeout_s: float) -> 
 
     wait_until(done, timeout_s, interval_s=2)
     return seen
+
+
+def publish_image_requests(stack, s3_client, bucket: str, name: str, id_prefix: str, count: int, *, images: int = 20) -> tuple[str, str, list[str]]:
+    """A fresh topic `<name>-<8 hex>` and its dead-letter topic, with `count` requests (ids `<id_prefix>0000`...)
+    for `images` uploaded images, round robin."""
+    topic, dlq = make_topics(stack.kafka_bootstrap, f"{name}-{uuid.uuid4().hex[:8]}")
+    keys = upload_images(s3_client, bucket, images)
+    ids = [f"{id_prefix}{i:04d}" for i in range(count)]
+    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{bucket}/{keys[n % images]}") for n, i in enumerate(ids)])
+    return topic, dlq, ids
+
+
+def assert_each_once(s3_client, bucket: str, seen: collections.Counter, ids: list[str]) -> None:
+    """Every id in S3 exactly once, the fleet's promise; on failure, where each duplicate came from."""
+    assert set(seen) == set(ids), f"missing {sorted(set(ids) - set(seen))[:5]}, unexpected {sorted(set(seen) - set(ids))[:5]}"
+    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, bucket, seen)

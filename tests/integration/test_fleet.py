@@ -13,8 +13,9 @@ import uuid
 import pytest
 
 from fleet_kit import (
-    committed_reaches_end, dead_letters, duplicate_report, fleet_settings, free_port, jpeg_bytes, make_topics, publish,
-    random_images, request, result_ids, result_workers, scrape, upload_images, wait_for_ids,
+    assert_each_once, committed_reaches_end, dead_letters, duplicate_report, fleet_settings, free_port, jpeg_bytes,
+    make_topics, publish, publish_image_requests, random_images, request, result_ids, result_workers, scrape,
+    upload_images, wait_for_ids,
 )
 from infra.local.kit import wait_until
 from workers.stream.fleet import Fleet
@@ -79,10 +80,7 @@ def test_mixed_stream_lands_once_in_s3_and_bad_input_in_the_dead_letter_topic(
 def test_a_replica_killed_mid_stream_is_restarted_and_nothing_is_missing(
     stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket
 ):
-    topic, _ = make_topics(stack.kafka_bootstrap, f"kill-{uuid.uuid4().hex[:8]}")
-    keys = upload_images(s3_client, s3_bucket, 20)
-    ids = [f"k{i:04d}" for i in range(800)]
-    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{s3_bucket}/{keys[n % 20]}") for n, i in enumerate(ids)])
+    topic, _, ids = publish_image_requests(stack, s3_client, s3_bucket, "kill", "k", 800)
     fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64))
     fleet.start()
     try:
@@ -95,17 +93,13 @@ def test_a_replica_killed_mid_stream_is_restarted_and_nothing_is_missing(
         seen = result_ids(s3_client, s3_bucket)  # everything committed: nothing moves any more
     finally:
         fleet.stop()
-    assert set(seen) == set(ids)
-    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+    assert_each_once(s3_client, s3_bucket, seen, ids)
 
 
 def test_the_fleet_recovers_by_itself_when_kafka_goes_away_and_comes_back(
     stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket
 ):
-    topic, _ = make_topics(stack.kafka_bootstrap, f"outage-{uuid.uuid4().hex[:8]}")
-    keys = upload_images(s3_client, s3_bucket, 20)
-    ids = [f"o{i:04d}" for i in range(800)]
-    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{s3_bucket}/{keys[n % 20]}") for n, i in enumerate(ids)])
+    topic, _, ids = publish_image_requests(stack, s3_client, s3_bucket, "outage", "o", 800)
     fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64))
     fleet.start()
     try:
@@ -118,8 +112,7 @@ def test_the_fleet_recovers_by_itself_when_kafka_goes_away_and_comes_back(
         seen = result_ids(s3_client, s3_bucket)  # everything committed: nothing moves any more
     finally:
         fleet.stop()
-    assert set(seen) == set(ids)
-    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+    assert_each_once(s3_client, s3_bucket, seen, ids)
 
 
 def test_a_replica_frozen_past_its_session_writes_nothing_its_successor_redoes(
@@ -127,10 +120,7 @@ def test_a_replica_frozen_past_its_session_writes_nothing_its_successor_redoes(
 ):
     """A zombie: evicted from the group while stopped, it wakes with results in flight for partitions that
     another replica has since cleaned up and redone. Writing them would duplicate them, silently."""
-    topic, _ = make_topics(stack.kafka_bootstrap, f"zombie-{uuid.uuid4().hex[:8]}")
-    keys = upload_images(s3_client, s3_bucket, 20)
-    ids = [f"z{i:04d}" for i in range(3000)]
-    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{s3_bucket}/{keys[n % 20]}") for n, i in enumerate(ids)])
+    topic, _, ids = publish_image_requests(stack, s3_client, s3_bucket, "zombie", "z", 3000)
     port = free_port()
     fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64, metrics_port=port))
     fleet.start()
@@ -149,8 +139,7 @@ def test_a_replica_frozen_past_its_session_writes_nothing_its_successor_redoes(
         metrics = scrape(port)
     finally:
         fleet.stop()
-    assert set(seen) == set(ids)
-    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+    assert_each_once(s3_client, s3_bucket, seen, ids)
     # the zombie did notice, with results in hand: it held writes it could no longer vouch for, withdrew one
     # answered too late, or dropped them once it learnt the partitions were gone (which comes first depends
     # on where its threads were frozen and on their wake-up order)
@@ -164,10 +153,7 @@ def test_the_fleet_waits_out_an_s3_outage_losing_duplicating_and_dead_lettering_
     stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket
 ):
     """S3 away for 20 s mid-stream (s3proxy stopped; it comes back with its data): fetches and writes wait."""
-    topic, dlq = make_topics(stack.kafka_bootstrap, f"s3out-{uuid.uuid4().hex[:8]}")
-    keys = upload_images(s3_client, s3_bucket, 20)
-    ids = [f"s{i:04d}" for i in range(800)]
-    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{s3_bucket}/{keys[n % 20]}") for n, i in enumerate(ids)])
+    topic, dlq, ids = publish_image_requests(stack, s3_client, s3_bucket, "s3out", "s", 800)
     port = free_port()
     fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64, metrics_port=port))
     fleet.start()
@@ -184,8 +170,7 @@ def test_the_fleet_waits_out_an_s3_outage_losing_duplicating_and_dead_lettering_
         metrics = scrape(port)
     finally:
         fleet.stop()
-    assert set(seen) == set(ids), f"missing {sorted(set(ids) - set(seen))[:5]}"
-    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+    assert_each_once(s3_client, s3_bucket, seen, ids)
     assert dead_letters(stack.kafka_bootstrap, dlq, expected=1, timeout_s=5) == []
     # the outage was seen (fetches or writes waited), not slept through
     assert metrics.get("ramplus_errors_total", 0) >= 1, {k: v for k, v in metrics.items() if "error" in k}

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from fleet_kit import (
-    committed_reaches_end, duplicate_report, fleet_settings, make_topics, publish, request, result_ids, upload_images,
-    wait_for_ids,
-)
+from fleet_kit import assert_each_once, committed_reaches_end, fleet_settings, publish_image_requests, result_ids, wait_for_ids
 from infra.local.kit import wait_until
 from workers.stream.replica import Replica
 
@@ -57,10 +53,7 @@ def members(admin: KafkaAdminClient, group: str) -> dict[str, str]:
 def test_a_slow_batch_during_a_rebalance_keeps_the_member_and_writes_what_it_held_once(
     stack, aws_env, tiny_model_dir, s3_client, s3_bucket
 ):
-    topic, _ = make_topics(stack.kafka_bootstrap, f"rebal-{uuid.uuid4().hex[:8]}")
-    keys = upload_images(s3_client, s3_bucket, 10)
-    ids = [f"b{i:04d}" for i in range(400)]
-    publish(stack.kafka_bootstrap, topic, [request(i, f"s3://{s3_bucket}/{keys[n % 10]}") for n, i in enumerate(ids)])
+    topic, _, ids = publish_image_requests(stack, s3_client, s3_bucket, "rebal", "b", 400, images=10)
     settings = fleet_settings(
         stack, tiny_model_dir, s3_bucket, topic, kafka={"session_timeout_ms": SESSION_MS, "max_poll_interval_ms": 90_000},
         max_in_flight=32, drain_timeout_s=40,
@@ -104,5 +97,4 @@ def test_a_slow_batch_during_a_rebalance_keeps_the_member_and_writes_what_it_hel
     # the revocation did wait for the slow batch (and heartbeats went on meanwhile)
     assert first.metrics.rebalance_drain_seconds._sum.get() >= SLOW_S / 2
     assert second.metrics.rebalances.labels(event="assigned")._value.get() >= 1
-    assert set(seen) == set(ids)
-    assert [i for i, n in seen.items() if n != 1] == [], duplicate_report(s3_client, s3_bucket, seen)
+    assert_each_once(s3_client, s3_bucket, seen, ids)
