@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterable
 
 from workers.stream.records import Record, TopicPartition
-from workers.schemas import DeadLetter, TagRequest, TagResult
+from workers.schemas import DeadLetter, ResultLine, TagRequest, TagResult
 
 
 class LocalSource:
@@ -68,12 +68,12 @@ class MemorySink:
     """Results by partition, in write calls; `results` flattens them."""
 
     def __init__(self) -> None:
-        self.writes: list[tuple[TopicPartition, list[TagResult]]] = []
+        self.writes: list[tuple[TopicPartition, list[ResultLine]]] = []
         self.handles: list[str] = []  # one per write, unique: what `withdraw` takes
         self._written = 0
         self._lock = threading.Lock()
 
-    def write(self, tp: TopicPartition, results: list[TagResult]) -> str:
+    def write(self, tp: TopicPartition, results: list[ResultLine]) -> str:
         with self._lock:
             self.writes.append((tp, list(results)))
             self._written += 1
@@ -88,7 +88,8 @@ class MemorySink:
 
     @property
     def results(self) -> list[TagResult]:
-        return [r for _, rs in self.writes for r in rs]
+        """What was written, read back as a consumer would (each line validated against the schema)."""
+        return [TagResult.model_validate_json(r.json) for _, rs in self.writes for r in rs]
 
 
 class MemoryDeadLetters:

@@ -127,12 +127,13 @@ def tag(
         results = tagger.tag([im for _, im in batch], threshold=threshold, top_k=top_k, all_scores=all_scores)
         for (path, _), result in zip(batch, results):
             if as_json:
-                line = {"path": str(path), "tags": [t.model_dump() for t in result.tags], "vocab": result.vocab, "model": model.config.key}
+                line = {"path": str(path), "tags": [{"tag": n, "score": v} for n, v in zip(result.names, result.values)],
+                        "vocab": result.vocab, "model": model.config.key}
                 if result.scores is not None:
                     line["scores"] = result.scores
                 typer.echo(json.dumps(line))
             else:
-                typer.echo(f"{path}\t" + (", ".join(f"{t.tag} ({t.score:.2f})" for t in result.tags) or "-"))
+                typer.echo(f"{path}\t" + (", ".join(f"{n} ({v:.2f})" for n, v in zip(result.names, result.values)) or "-"))
         batch.clear()
 
     for path in paths:

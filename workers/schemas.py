@@ -10,9 +10,11 @@ import base64
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ramplus_core.tagging import ImageTags, TagScore
@@ -181,8 +183,38 @@ class TagResult(BaseModel):
         cls, tagged: ImageTags, *, id: str, uri: str, model: str, worker: str,  # noqa: A002 - the field's name
         source: SourceRef | None = None, meta: dict[str, Any] | None = None,
     ) -> TagResult:
-        """The result line for one image the engine tagged: the one builder of the stream and the backfill."""
+        """The result for one image the engine tagged, as a model (for reading and small uses; see `line`)."""
         return cls(id=id, uri=uri, tags=tagged.tags, vocab=tagged.vocab, model=model, worker=worker, source=source, meta=meta)
+
+    @classmethod
+    def line(
+        cls, tagged: ImageTags, *, id: str, uri: str, model: str, worker: str,  # noqa: A002 - the field's name
+        source: SourceRef | None = None, meta: dict[str, Any] | None = None,
+    ) -> ResultLine:
+        """The result line for one image the engine tagged: the one builder of the stream and the backfill.
+
+        The same JSON as `of(...).model_dump_json()` (a test holds them equal), without a pydantic object
+        per tag: an image may have thousands. The envelope is serialised by pydantic, the tags by
+        pydantic's own JSON encoder in one call, so numbers and escapes are written exactly alike.
+        """
+        envelope = cls.model_construct(
+            id=id, uri=uri, tags=[], vocab=tagged.vocab, model=model, ts=utc_now(), worker=worker, source=source, meta=meta,
+        )
+        text = envelope.model_dump_json()
+        if tagged.names:
+            tags = pydantic_core.to_json([{"tag": n, "score": v} for n, v in zip(tagged.names, tagged.values)]).decode()
+            # The first '"tags":[]' is the field: inside a JSON string a quote is always escaped.
+            text = text.replace('"tags":[]', '"tags":' + tags, 1)
+        return ResultLine(id=id, offset=source.offset if source is not None else None, json=text)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultLine:
+    """One image's result serialised once (`TagResult`'s schema), and the offset of the request it answers."""
+
+    id: str
+    offset: int | None
+    json: str
 
 
 class ErrorInfo(BaseModel):

@@ -63,7 +63,7 @@ def test_every_request_is_tagged_once_and_offsets_reach_the_end(images):
         assert result.vocab == "tiny-vocab@1" and result.model == "tiny@64"
     # each write holds one partition's results in offset order
     for _, rows in sink.writes:
-        offsets = [r.source.offset for r in rows]
+        offsets = [r.offset for r in rows]
         assert offsets == sorted(offsets)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 import re
 from pathlib import Path
 
@@ -162,16 +163,25 @@ def test_a_vocabulary_ref_parses_and_prints_back(text, parts):
     assert tuple(ref) == parts and str(ref) == text
 
 
-def test_one_result_line_builder_for_the_stream_and_the_backfill():
-    from ramplus_core.tagging import ImageTags, TagScore
+def test_one_result_line_builder_for_the_stream_and_the_backfill(monkeypatch):
+    from ramplus_core.tagging import ImageTags
+    from workers import schemas
     from workers.schemas import SourceRef, TagResult
 
-    tagged = ImageTags(tags=[TagScore(tag="cat", score=0.9)], vocab="coco@2", scores={"cat": 0.9, "dog": 0.1})
-    line = json.loads(TagResult.of(
-        tagged, id="r1", uri="s3://b/k.jpg", model="tiny@64", worker="w", source=SourceRef(topic="t", partition=1, offset=7),
-    ).model_dump_json())
-    assert line["tags"] == [{"tag": "cat", "score": 0.9}] and line["vocab"] == "coco@2" and "scores" not in line
-    assert line["source"] == {"topic": "t", "partition": 1, "offset": 7} and line["meta"] is None
+    fixed = datetime(2026, 12, 5, 12, 0, 1, 250000, tzinfo=timezone.utc)
+    monkeypatch.setattr(schemas, "utc_now", lambda: fixed)
+    tagged = ImageTags.of([("cat", 0.9), ('say "hi"\\ é\n', 0.5), ("tiny", 1.25e-05)], "coco@2")
+    kwargs = dict(id="r1", uri='s3://b/"tags":[]/k.jpg', model="tiny@64", worker="w",
+                  source=SourceRef(topic="t", partition=1, offset=7), meta={"n": 1.5e-07, "s": "\u2028"})
+    line = TagResult.line(tagged, **kwargs)
+    # the same bytes as pydantic writes for the model: the schema is validated once, here, not per tag
+    assert line.json == TagResult.of(tagged, **kwargs).model_copy(update={"ts": fixed}).model_dump_json()
+    assert (line.id, line.offset) == ("r1", 7)
+    parsed = json.loads(line.json)
+    assert parsed["tags"][1] == {"tag": 'say "hi"\\ é\n', "score": 0.5} and parsed["vocab"] == "coco@2" and "scores" not in parsed
+    assert parsed["source"] == {"topic": "t", "partition": 1, "offset": 7} and parsed["uri"] == 's3://b/"tags":[]/k.jpg'
+    empty = TagResult.line(ImageTags.of([], "v@1"), id="e", uri="u", model="m", worker="w")
+    assert json.loads(empty.json)["tags"] == [] and empty.offset is None
 
 
 def test_overrides_are_validated_like_every_other_setting():

@@ -71,3 +71,46 @@ def test_bf16_weights_stay_close_to_fp32(tiny_official_checkpoint):
     bf16 = bf16_tagger.logits(images)
     assert bf16.dtype == torch.float32
     assert (bf16 - fp32).abs().max() < 0.25 * fp32.abs().max()
+
+
+def reference_select(logits, vocabulary, *, threshold=None, top_k=None):
+    """The per-image loop `select_tags` was until issue 16, kept here as the specification it must equal."""
+    scores = torch.sigmoid(logits.float())
+    limits = vocabulary.thresholds if threshold is None else torch.full((len(vocabulary),), float(threshold))
+    out = []
+    for row in scores:
+        hits = (row > limits).nonzero().flatten()
+        order = hits[row[hits].argsort(descending=True, stable=True)]
+        if top_k is not None:
+            order = order[:top_k]
+        out.append(([vocabulary.tags[i] for i in order.tolist()], [float(row[i]) for i in order.tolist()]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("options", [{}, {"threshold": 0.3}, {"top_k": 5}, {"threshold": 0.05, "top_k": 40}, {"threshold": 0.999}])
+def test_vectorised_selection_equals_the_per_image_loop_ties_included(seed, options):
+    gen = torch.Generator().manual_seed(seed)
+    tags = 300
+    thresholds = torch.rand(tags, generator=gen) * 0.8 + 0.1
+    vocabulary = Vocabulary.from_embeddings(
+        [f"t{i}" for i in range(tags)], F.normalize(torch.randn(tags, 1, 8, generator=gen), dim=-1), thresholds=thresholds.tolist(),
+    )
+    logits = torch.randn(7, tags, generator=gen) * 2
+    # ties: whole columns and runs within a row share one logit; one row has no hit at all
+    logits[:, 10:20] = 1.5
+    logits[2, 100:160] = logits[2, 99]
+    logits[4] = -20.0
+    got = select_tags(logits, vocabulary, all_scores=True, **options)
+    expected = reference_select(logits, vocabulary, **options)
+    assert [(g.names, g.values) for g in got] == expected
+    every = torch.sigmoid(logits).tolist()
+    assert all(g.all_scores == row and list(g.scores) == vocabulary.tags for g, row in zip(got, every))
+    assert got[4].names == [] or options.get("threshold") == 0.05
+
+
+def test_selection_is_plain_lists_and_a_zero_hit_batch_costs_no_sort(vocab):
+    (none,) = select_tags(torch.full((1, 4), -30.0), vocab)
+    assert none.names == [] and none.values == [] and none.tags == []
+    with pytest.raises(ValueError, match="top_k"):
+        select_tags(torch.zeros(1, 4), vocab, top_k=0)

@@ -1,6 +1,6 @@
 """The backfill's Ray Data stages, run in Ray workers: fetch + decode (CPU tasks), tag (an actor per replica).
 
-They run exactly the fleet's code (`ImageDecoder`, `TaggingEngine`, `TagResult.of`), so a result line here
+They run exactly the fleet's code (`ImageDecoder`, `TaggingEngine`, `TagResult.line`), so a result line here
 is the fleet's result line for the same image, model and vocabulary. Stages get their configuration as a
 JSON string: it crosses process boundaries, and a task worker keeps one decoder per distinct string.
 """
@@ -146,9 +146,9 @@ class BackfillTagger:
                     rows[i]["error_kind"] = ErrorKind.INTERNAL.value
                     continue
                 uri = self._uri(r)
-                lines[i] = TagResult.of(
+                lines[i] = TagResult.line(
                     tags, id=uri, uri=uri, model=self.engine.model_id, worker=self.worker, meta={"size": r["size"], "etag": r["etag"]},
-                ).model_dump_json()
+                ).json
         return pa.table({
             "shard": [r["shard"] for r in rows], "key": [r["key"] for r in rows],
             "error_kind": [r["error_kind"] for r in rows], "line": lines,

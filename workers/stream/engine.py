@@ -152,13 +152,13 @@ class TaggingEngine:
         for i, vocab in enumerate(chosen):
             groups.setdefault(id(vocab), []).append(i)
         if len(groups) == 1:
-            logits = self.model.tag_logits(x.to(self.dtype), chosen[0]).float().cpu()
+            logits = self.model.tag_logits(x.to(self.dtype), chosen[0])  # selected where they are: only hits come back
             return select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k)
         embeds = self.model.encode_image(x.to(self.dtype))
         out: list[Any] = [None] * len(chosen)
         for rows in groups.values():
             vocab = chosen[rows[0]]
-            logits = self.model.head_logits(embeds[rows], vocab).float().cpu()
+            logits = self.model.head_logits(embeds[rows], vocab)
             for i, tags in zip(rows, select_tags(logits, vocab.vocabulary, threshold=self.threshold, top_k=self.top_k)):
                 out[i] = tags
         return out

@@ -51,7 +51,7 @@ from workers.metrics import ReplicaMetrics
 from workers.stream.offsets import OffsetTracker
 from workers.stream.ports import DeadLetterSink, Engine, Fetcher, ResultSink, Source
 from workers.stream.records import Record, TopicPartition
-from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_REQUEST_BYTES, DeadLetter, TagRequest, TagResult
+from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_REQUEST_BYTES, DeadLetter, ResultLine, TagRequest, TagResult
 
 log = structlog.get_logger("ramplus.pipeline")
 
@@ -376,16 +376,15 @@ class StreamPipeline:
             self._fatal = exc
 
     def _write_batch(self, item: list[tuple[Prepared, ImageTags]]) -> None:
-        by_partition: dict[TopicPartition, list[tuple[Prepared, TagResult]]] = {}
+        by_partition: dict[TopicPartition, list[tuple[Prepared, ResultLine]]] = {}
         for prepared, tags in item:
             record, request = prepared.record, prepared.request
-            result = TagResult.of(
-                tags, id=request.id, uri=request.uri, model=self.engine.model_id, worker=self.worker,
-                source=record.source, meta=request.meta,
-            )
             try:
-                # The sink serialises it again; a result that cannot be serialised would fail the write for ever.
-                result.model_dump_json()
+                # Serialised here, once: a result that cannot be would otherwise fail its write for ever.
+                result = TagResult.line(
+                    tags, id=request.id, uri=request.uri, model=self.engine.model_id, worker=self.worker,
+                    source=record.source, meta=request.meta,
+                )
             except Exception as exc:  # parsing should have refused it: our bug, so say so and move on
                 log.exception("result.unwritable", partition=record.partition, offset=record.offset)
                 error = InputError(ErrorKind.INTERNAL, f"result cannot be serialised: {type(exc).__name__}: {exc}")
@@ -415,8 +414,8 @@ class StreamPipeline:
             self._skip(record, epoch, "unhandled", f"{type(exc).__name__}: {exc}")
 
     def _write_owned(
-        self, tp: TopicPartition, rows: list[tuple[Prepared, TagResult]]
-    ) -> list[tuple[Prepared, TagResult]]:
+        self, tp: TopicPartition, rows: list[tuple[Prepared, ResultLine]]
+    ) -> list[tuple[Prepared, ResultLine]]:
         """Write the rows of `tp` that are still ours, retrying failures; returns those written.
 
         A partition revoked or lost since a row was polled belongs to another replica now, which redoes

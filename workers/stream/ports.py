@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from ramplus_core.tagging import ImageTags
-from workers.schemas import DeadLetter, TagResult
+from workers.schemas import DeadLetter, ResultLine
 from workers.stream.records import Record, TopicPartition
 
 
@@ -26,7 +26,7 @@ class Source(Protocol):
 
 
 class ResultSink(Protocol):
-    def write(self, tp: TopicPartition, results: list[TagResult]) -> str:
+    def write(self, tp: TopicPartition, results: list[ResultLine]) -> str:
         """Durable when it returns; the same records written again overwrite, never duplicate.
         Returns a handle for `withdraw`."""
     def withdraw(self, handle: str) -> None:

@@ -20,7 +20,7 @@ import structlog
 
 from workers.io.s3 import ensure_bucket, s3_client
 from workers.stream.records import TopicPartition
-from workers.schemas import TagResult
+from workers.schemas import ResultLine
 from workers.settings import S3Settings
 
 log = structlog.get_logger("ramplus.s3")
@@ -49,12 +49,12 @@ class S3ResultSink:
         first, last = key.rsplit("/", 1)[1].removesuffix(".jsonl").split("-")[:2]
         return int(first), int(last)
 
-    def write(self, tp: TopicPartition, results: list[TagResult]) -> str:
+    def write(self, tp: TopicPartition, results: list[ResultLine]) -> str:
         """Durable when it returns; returns the key, for `withdraw`."""
-        offsets = [r.source.offset for r in results if r.source is not None]
+        offsets = [r.offset for r in results if r.offset is not None]
         if len(offsets) != len(results):
             raise ValueError("stream results must carry their source offsets")
-        body = "".join(r.model_dump_json() + "\n" for r in results).encode()
+        body = "".join(r.json + "\n" for r in results).encode()
         key = self.key(tp, min(offsets), max(offsets))
         self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/x-ndjson")
         return key
