@@ -17,7 +17,9 @@ anything that is not a usable image.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +32,41 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Image bytes checked without decoding them: what the header says, within the limits."""
+
+    data: bytes
+    format: str  # PIL's name for it: JPEG, PNG, WEBP, ...
+    mode: str  # the header's colour mode: RGB (a YCbCr JPEG), L, CMYK, P, RGBA, ...
+    width: int
+    height: int
+    name: str
+
+
+def inspect_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> EncodedImage:
+    """Format and size from the header only (PIL opens lazily), the byte and pixel limits applied: a
+    decompression bomb is refused here, before anything is decoded."""
+    label = name or "image bytes"
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"{label}: {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    if not data:
+        raise NotAnImageError(f"{label}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, mode, (width, height) = image.format or "", image.mode, image.size
+    except Image.DecompressionBombError as exc:  # PIL's own guard fires at open for absurd canvases
+        raise ImageTooLargeError(f"{label}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise NotAnImageError(f"{label}: not an image (unrecognised format)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CorruptImageError(f"{label}: corrupt image header ({exc})") from exc
+    # Checked before decoding: a small file can claim a huge canvas (decompression bomb).
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{label}: {width}x{height} pixels exceeds the {max_pixels}-pixel limit")
+    return EncodedImage(data, fmt, mode, width, height, label)
 
 
 def load_image(
@@ -52,27 +89,43 @@ def load_image(
         data = path.read_bytes()
     else:
         data = source
-        if len(data) > max_bytes:
-            raise ImageTooLargeError(f"{label}: {len(data)} bytes exceeds the {max_bytes}-byte limit")
-    if not data:
-        raise NotAnImageError(f"{label}: empty file")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:  # PIL's own guard fires at open for absurd canvases
-        raise ImageTooLargeError(f"{label}: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise NotAnImageError(f"{label}: not an image (unrecognised format)") from exc
-    except (OSError, ValueError) as exc:
-        raise CorruptImageError(f"{label}: corrupt image header ({exc})") from exc
-    width, height = image.size
-    # Checked before decoding: a small file can claim a huge canvas (decompression bomb).
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"{label}: {width}x{height} pixels exceeds the {max_pixels}-pixel limit")
+    checked = inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=label)
+    image = Image.open(io.BytesIO(checked.data))
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CorruptImageError(f"{label}: corrupt or truncated {image.format or 'image'} data ({exc})") from exc
     return image
+
+
+def decodable_on_device(image: EncodedImage) -> bool:
+    """What the batched JPEG decoder takes (`decode_jpegs`): a JPEG in colour or grey. CMYK and the other
+    formats are decoded by PIL (`load_image`)."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
+# torchvision 0.29 deprecates its image codecs in favour of torchcodec (a later move); the GPU machines run
+# torchvision 0.26, where decode_jpeg is the supported batched nvJPEG entry point. Said once, here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+
+
+def decode_jpegs(images: Sequence[EncodedImage], device: str | torch.device) -> list[torch.Tensor | Exception]:
+    """uint8 [3, h, w] per JPEG on `device`, decoded as one batch (nvJPEG on CUDA, libjpeg-turbo on the CPU).
+    If the batch fails, image by image: one bad image costs only itself (its entry is the exception)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    encoded = [torch.frombuffer(bytearray(im.data), dtype=torch.uint8) for im in images]
+    try:
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except Exception:  # noqa: BLE001 - which image it was is found below
+        results: list[torch.Tensor | Exception] = []
+        for data in encoded:
+            try:
+                results.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except Exception as exc:  # noqa: BLE001 - reported per image by the caller
+                results.append(exc)
+        return results
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,10 @@ class ModelSettings(BaseModel):
     device: str = Field("auto", description="auto (cuda when a GPU is assigned), cpu, cuda")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights dtype; bf16 on GPUs")
     fast_preprocess: bool = Field(True, description="Batched resize (see README 'Preprocessing')")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="Where JPEGs are decoded: gpu = batched on the model's device (nvJPEG), cpu = PIL in the fetch threads; auto = gpu on CUDA",
+    )
     cache_dir: Path = Field(
         Path("~/.cache/ramplus"), validate_default=True,
         description="Local copies: downloaded checkpoints (checkpoints/) and fetched s3:// artifacts (artifacts/)",

@@ -141,6 +141,10 @@ class BackfillTagger:
                         tagged.append(exc)
             for i, tags in zip(good, tagged):
                 r = rows[i]
+                if isinstance(tags, InputError):  # an image the engine could not decode after all
+                    lines[i] = self._error(r, tags.kind.value, str(tags))
+                    rows[i]["error_kind"] = tags.kind.value
+                    continue
                 if isinstance(tags, Exception):
                     lines[i] = self._error(r, ErrorKind.INTERNAL.value, f"{type(tags).__name__}: {tags}")
                     rows[i]["error_kind"] = ErrorKind.INTERNAL.value

@@ -1,8 +1,17 @@
 """The model side of a replica: bytes -> pixels on worker threads, pixels -> tags on the inference thread.
 
 Decoding is split from the forward pass so that many fetch threads keep one model busy. With
-`fast=True` the threads only decode (JPEGs in the DCT domain) and the resize runs batched on the
-model's device; with `fast=False` they run the exact official transform.
+`fast=True` the threads only decode and the resize runs batched on the model's device; with
+`fast=False` they run the exact official transform.
+
+Where JPEGs are decoded (`decode`: auto | cpu | gpu, `RAMPLUS_MODEL__DECODE`): on `cpu`, by PIL in the
+fetch threads; on `gpu` the fetch threads only check the header (format, size, the byte and pixel limits,
+so a decompression bomb is refused before any decode) and the inference thread decodes the batch's JPEGs
+together with torchvision's `decode_jpeg` on the model's device (nvJPEG on CUDA; libjpeg-turbo on a CPU
+device, which keeps the path testable here). What that decoder does not take (PNG, WebP, GIF, BMP, TIFF,
+CMYK JPEGs) is decoded by PIL in the fetch threads as before, and a JPEG it refuses is retried by PIL;
+one bad image never fails its batch: `infer` returns its `InputError` in its place. `auto`: `gpu` when
+the model runs on CUDA.
 
 A request may name a vocabulary other than the active one (`vocabulary_for`); a batch that mixes
 vocabularies runs the image encoder once and the alignment decoder once per vocabulary.
@@ -18,7 +27,7 @@ import torch
 
 from ramplus_core.errors import ImageError
 from ramplus_core.model import RamPlus, VocabularyTensors
-from ramplus_core.preprocess import FastPreprocessor, load_image, pil_to_tensor
+from ramplus_core.preprocess import EncodedImage, FastPreprocessor, decodable_on_device, decode_jpegs, inspect_image, load_image, pil_to_tensor
 from ramplus_core.tagger import place_model
 from ramplus_core.tagging import ImageTags, select_tags
 from ramplus_core.vocabulary import Vocabulary
@@ -80,6 +89,7 @@ class TaggingEngine:
         vocab_cache_size: int = 4,
         vocab_resolve_ttl_s: float = 1.0,
         metrics: ReplicaMetrics | None = None,
+        decode: str = "auto",
     ) -> None:
         if model.vocabulary is None:
             raise ValueError("the model has no vocabulary: load a checkpoint that has one or give a vocabulary file")
@@ -88,6 +98,10 @@ class TaggingEngine:
         self.model_id = model.config.key
         self.fast = FastPreprocessor(self.image_size, self.device) if fast else None
         self.decoder = ImageDecoder(self.image_size, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels)
+        if decode not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"decode must be auto, cpu or gpu, not {decode!r}")
+        # The batched decoder feeds the batched resize, so it needs the fast path.
+        self.decode_on_device = fast and (decode == "gpu" or (decode == "auto" and self.device.type == "cuda"))
         self.threshold, self.top_k = threshold, top_k
         self._vocab_lock = threading.Lock()
         # Without a store it still keeps the versions it switched away from (for requests pinned to them).
@@ -133,13 +147,55 @@ class TaggingEngine:
             return None if not version else active
         return self.cache.get(name, version or None)
 
-    def decode(self, data: bytes, name: str) -> torch.Tensor:
-        """Thread-safe: uint8 [3, h, w] (fast path) or the official float [3, S, S]. Raises InputError."""
+    def decode(self, data: bytes, name: str) -> torch.Tensor | EncodedImage:
+        """Thread-safe: uint8 [3, h, w] (fast path), the official float [3, S, S], or a JPEG checked but left
+        for `infer` to decode with its batch. Raises InputError."""
+        if self.decode_on_device:
+            try:
+                checked = inspect_image(data, max_bytes=self.decoder.max_bytes, max_pixels=self.decoder.max_pixels, name=name)
+            except ImageError as exc:
+                raise input_error_from(exc) from exc
+            if decodable_on_device(checked):
+                return checked
         return self.decoder.decode(data, name)
 
+    def _decode_deferred(self, items: Sequence[torch.Tensor | EncodedImage]) -> list[torch.Tensor | InputError]:
+        """The batch's deferred JPEGs decoded together on the device; one the decoder refuses is retried by PIL."""
+        deferred = [i for i, item in enumerate(items) if isinstance(item, EncodedImage)]
+        out: list[torch.Tensor | InputError] = list(items)  # type: ignore[arg-type]
+        if not deferred:
+            return out
+        decoded = decode_jpegs([items[i] for i in deferred], self.device)  # type: ignore[misc]
+        for i, result in zip(deferred, decoded):
+            if isinstance(result, torch.Tensor):
+                out[i] = result
+                continue
+            encoded = items[i]
+            assert isinstance(encoded, EncodedImage)
+            try:
+                out[i] = self.decoder.decode(encoded.data, encoded.name)
+            except InputError as exc:
+                out[i] = exc
+        return out
+
     @torch.inference_mode()
-    def infer(self, pixels: Sequence[torch.Tensor], vocabularies: Sequence[VocabularyTensors | None] | None = None) -> list[ImageTags]:
-        """Tags for each image, with its vocabulary from `vocabulary_for` (None or no list: the active one)."""
+    def infer(
+        self, items: Sequence[torch.Tensor | EncodedImage], vocabularies: Sequence[VocabularyTensors | None] | None = None,
+    ) -> list[ImageTags | InputError]:
+        """Tags for each image (what `decode` gave), with its vocabulary from `vocabulary_for` (None or no list:
+        the active one); an image that could not be decoded gets its `InputError` instead."""
+        decoded = self._decode_deferred(items)
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, InputError)]
+        if len(good) == len(decoded):
+            return self._infer([d for d in decoded], vocabularies)  # type: ignore[misc]
+        out: list[ImageTags | InputError] = list(decoded)  # type: ignore[arg-type]
+        if good:
+            chosen = [vocabularies[i] for i in good] if vocabularies is not None else None
+            for i, tags in zip(good, self._infer([decoded[i] for i in good], chosen)):  # type: ignore[misc]
+                out[i] = tags
+        return out
+
+    def _infer(self, pixels: Sequence[torch.Tensor], vocabularies: Sequence[VocabularyTensors | None] | None) -> list[ImageTags]:
         if self.fast is not None:
             x = self.fast.resize(pixels)
         else:

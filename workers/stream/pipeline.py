@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-import torch
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential
 
 from ramplus_core.tagging import ImageTags
@@ -60,7 +59,7 @@ log = structlog.get_logger("ramplus.pipeline")
 class Prepared:
     record: Record
     request: TagRequest
-    pixels: torch.Tensor
+    pixels: Any  # what the engine's decode gave: pixels, or a checked JPEG that infer decodes with its batch
     polled_at: float
     epoch: int
     vocab: Any = None  # what the engine's vocabulary_for gave; None: the active vocabulary at batch time
@@ -103,7 +102,7 @@ class StreamPipeline:
         self.tracker = OffsetTracker()
         self._pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="ramplus-fetch")
         self._ready: queue.Queue[Prepared] = queue.Queue()
-        self._to_write: queue.Queue[list[tuple[Prepared, ImageTags]] | None] = queue.Queue(maxsize=4)
+        self._to_write: queue.Queue[list[tuple[Prepared, ImageTags | InputError]] | None] = queue.Queue(maxsize=4)
         self._finished: queue.SimpleQueue[tuple[TopicPartition, int, int]] = queue.SimpleQueue()
         self._stopping = threading.Event()  # no more retries of writes: give up and leave offsets uncommitted
         self._flush = threading.Event()  # draining: do not wait for partial batches
@@ -375,10 +374,13 @@ class StreamPipeline:
             log.exception("writer.failed")
             self._fatal = exc
 
-    def _write_batch(self, item: list[tuple[Prepared, ImageTags]]) -> None:
+    def _write_batch(self, item: list[tuple[Prepared, ImageTags | InputError]]) -> None:
         by_partition: dict[TopicPartition, list[tuple[Prepared, ResultLine]]] = {}
         for prepared, tags in item:
             record, request = prepared.record, prepared.request
+            if isinstance(tags, InputError):  # decoded with its batch (on the device) and refused: this image only
+                self._pool.submit(self._dead_letter_or_skip, record, tags, request, prepared.epoch)
+                continue
             try:
                 # Serialised here, once: a result that cannot be would otherwise fail its write for ever.
                 result = TagResult.line(

@@ -9,7 +9,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ramplus_core.preprocess import EncodedImage
 from ramplus_core.tagging import ImageTags
+from workers.errors import InputError
 from workers.schemas import DeadLetter, ResultLine
 from workers.stream.records import Record, TopicPartition
 
@@ -46,6 +48,8 @@ class Fetcher(Protocol):
 class Engine(Protocol):
     model_id: str
 
-    def decode(self, data: bytes, name: str) -> torch.Tensor: ...
+    def decode(self, data: bytes, name: str) -> torch.Tensor | EncodedImage:
+        """Pixels, or a checked JPEG left for `infer` to decode with its batch; `InputError` if it is no image."""
     def vocabulary_for(self, ref: str) -> Any: ...
-    def infer(self, pixels: list[torch.Tensor], vocabularies: list[Any] | None = None) -> list[ImageTags]: ...
+    def infer(self, pixels: list[torch.Tensor | EncodedImage], vocabularies: list[Any] | None = None) -> list[ImageTags | InputError]:
+        """Per image: its tags, or the `InputError` of an image that could not be decoded after all."""

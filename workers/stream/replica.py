@@ -70,7 +70,7 @@ class Replica:
             model or load_model(settings), device=settings.model.device, precision=settings.model.precision,
             fast=settings.model.fast_preprocess, max_bytes=f.max_bytes, max_pixels=f.max_pixels,
             vocab_store=self.vocab_store, vocab_cache_size=settings.redis.cache_size,
-            vocab_resolve_ttl_s=settings.redis.poll_interval_s, metrics=self.metrics,
+            vocab_resolve_ttl_s=settings.redis.poll_interval_s, metrics=self.metrics, decode=settings.model.decode,
         )
         self.fetcher = UriFetcher(f, settings.s3)
         window = 4 * (fleet.max_in_flight + settings.kafka.max_poll_records) + 1000
