@@ -179,7 +179,8 @@ def main() -> None:
              ratio_to_model_only=round(batch / seconds / (batch / model_seconds), 3), peak_gib=peak())
 
     threads = args.decode_threads or max(1, (torch.get_num_threads() if not cuda else 16) - 1)
-    for label, share in (("JPEG", 0.0), ("JPEG + 20% PNG", 0.2)):
+    for decode, label, share in (("gpu", "JPEG", 0.0), ("gpu", "JPEG + 20% PNG", 0.2), ("cpu", "JPEG", 0.0)):
+        engine.decode_on_device = decode == "gpu"  # gpu: batched decode_jpeg on the model's device (nvJPEG on CUDA)
         data = photos(batch * 2, (1024, 768) if not args.smoke else (320, 240), png_share=share)
         with ThreadPoolExecutor(threads) as pool:
             def end_to_end() -> None:
@@ -191,7 +192,7 @@ def main() -> None:
 
             seconds = timed(end_to_end, max(1, repeat // 2), 1, cuda)
         rate = 2 * batch / seconds
-        run.emit(what=f"engine from {label} bytes", batch=batch, decode_threads=threads, images_per_s=round(rate, 1),
+        run.emit(what=f"engine from {label} bytes, decode={decode}", batch=batch, decode_threads=threads, images_per_s=round(rate, 1),
                  ratio_to_model_only=round(rate / (batch / model_seconds), 3))
 
     if args.compile:
