@@ -21,10 +21,8 @@ import argparse
 import io
 import json
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
@@ -38,22 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from ramplus_core import Vocabulary, create_model, select_tags  # noqa: E402
 from workers.stream.engine import TaggingEngine  # noqa: E402
-
-
-def timed(fn: Callable[[], object], repeat: int, warmup: int, cuda: bool) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from bench_model import timed  # noqa: E402 - the one timer of the benches (sync=True on CUDA)
 
 
 def photos(n: int, size: tuple[int, int], png_share: float = 0.0) -> list[bytes]:
