@@ -163,7 +163,7 @@ def main() -> None:
 
     threads = args.decode_threads or max(1, (torch.get_num_threads() if not cuda else 16) - 1)
     for decode, label, share in (("gpu", "JPEG", 0.0), ("gpu", "JPEG + 20% PNG", 0.2), ("cpu", "JPEG", 0.0)):
-        engine.decode_on_device = decode == "gpu"  # gpu: batched decode_jpeg on the model's device (nvJPEG on CUDA)
+        engine.decoder.defer_jpegs = decode == "gpu"  # gpu: batched decode_jpeg on the model's device (nvJPEG on CUDA)
         data = photos(batch * 2, (1024, 768) if not args.smoke else (320, 240), png_share=share)
         with ThreadPoolExecutor(threads) as pool:
             def end_to_end() -> None:

@@ -89,12 +89,19 @@ def load_image(
         data = path.read_bytes()
     else:
         data = source
-    checked = inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=label)
+    return open_image(inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=label))
+
+
+def open_image(checked: EncodedImage, *, jpeg_draft: int | None = None) -> Image.Image:
+    """Decode checked bytes fully (so truncation shows here, not in the model). With `jpeg_draft=S`, a JPEG
+    is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers S x S: fewer pixels to decode."""
     image = Image.open(io.BytesIO(checked.data))
     try:
+        if jpeg_draft is not None and image.format == "JPEG":
+            image.draft("RGB", (jpeg_draft, jpeg_draft))
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise CorruptImageError(f"{label}: corrupt or truncated {image.format or 'image'} data ({exc})") from exc
+        raise CorruptImageError(f"{checked.name}: corrupt or truncated {image.format or 'image'} data ({exc})") from exc
     return image
 
 
@@ -160,7 +167,8 @@ class FastPreprocessor:
         self.use_draft = use_draft
 
     def decode(self, image: Image.Image) -> torch.Tensor:
-        """A decoded (lazily opened) PIL image -> uint8 [3, h, w], JPEGs reduced in the DCT domain first."""
+        """A lazily opened PIL image -> uint8 [3, h, w], JPEGs reduced in the DCT domain first (on an image
+        already loaded, `draft` can do nothing: decode bytes with `open_image(..., jpeg_draft=S)` instead)."""
         if self.use_draft and image.format == "JPEG":
             image.draft("RGB", (self.image_size, self.image_size))
         image = image.convert("RGB")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 from urllib.parse import unquote, urlparse
 
 import typer
@@ -90,13 +92,20 @@ def tag(
     trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling of a checkpoint you trust.")] = False,
     max_pixels: Annotated[int, typer.Option(min=1)] = 64_000_000,
     max_bytes: Annotated[int, typer.Option(min=1)] = 50 * 1024 * 1024,
+    fast: Annotated[bool, typer.Option(
+        "--fast/--exact", help="--fast: the fleet's batched resize on the device (GPU speed; not bit-identical, "
+        "README 'Preprocessing'); --exact: the official transform.",
+    )] = False,
+    decode: Annotated[str, typer.Option(
+        envvar="RAMPLUS_MODEL__DECODE", help="With --fast: where JPEGs are decoded (auto = with the batch on a GPU, cpu, gpu).",
+    )] = "auto",
 ) -> None:
     """Tag local images with RAM++ and print a table or JSON lines.
 
     Exit status: 0 all tagged, 1 some images could not be read (reported per image), 2 nothing could run.
     """
     configure_logging(level="WARNING")
-    from ramplus_core import RamPlusError, Tagger, Vocabulary, load_checkpoint, load_image
+    from ramplus_core import RamPlusError, Vocabulary, load_checkpoint
     from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
 
     if checkpoint is None:
@@ -105,8 +114,9 @@ def tag(
     if not paths:
         _fail("no images found in " + ", ".join(inputs))
     try:
-        from workers.train.artifacts import ArtifactError, resolve_checkpoint
         from workers.settings import Settings
+        from workers.stream.engine import TaggingEngine
+        from workers.train.artifacts import ArtifactError, resolve_checkpoint
 
         try:
             local = resolve_checkpoint(checkpoint, Settings.load().s3)
@@ -116,43 +126,68 @@ def tag(
             local, variant, image_size, vocabulary=Vocabulary.load(vocab) if vocab else None,
             tag_list=tag_list, thresholds=thresholds, trust_pickle=trust_checkpoint,
         )
-        tagger = Tagger(model, device=device, precision=precision, batch_size=batch_size)
+        # The fleet's engine: the same decode -> batch -> model -> selection path as a replica and the backfill.
+        engine = TaggingEngine(
+            model, device=device, precision=precision, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels,
+            threshold=threshold, top_k=top_k, all_scores=all_scores, decode=decode,
+        )
     except (RamPlusError, ValueError) as exc:
         _fail(str(exc))
-
-    failures = 0
-    batch: list[tuple[Path, object]] = []
-
-    def flush() -> None:
-        results = tagger.tag([im for _, im in batch], threshold=threshold, top_k=top_k, all_scores=all_scores)
-        for (path, _), result in zip(batch, results):
-            if as_json:
-                line = {"path": str(path), "tags": [{"tag": n, "score": v} for n, v in zip(result.names, result.values)],
-                        "vocab": result.vocab, "model": model.config.key}
-                if result.scores is not None:
-                    line["scores"] = result.scores
-                typer.echo(json.dumps(line))
-            else:
-                typer.echo(f"{path}\t" + (", ".join(f"{n} ({v:.2f})" for n, v in zip(result.names, result.values)) or "-"))
-        batch.clear()
-
-    for path in paths:
-        try:
-            batch.append((path, load_image(path, max_bytes=max_bytes, max_pixels=max_pixels)))
-        except RamPlusError as exc:
-            failures += 1
-            kind = getattr(exc, "kind", "error")
-            if as_json:
-                typer.echo(json.dumps({"path": str(path), "error": {"kind": kind, "message": str(exc)}}))
-            else:
-                typer.echo(f"skipped {path}: {exc}", err=True)
-            continue
-        if len(batch) >= batch_size:
-            flush()
-    if batch:
-        flush()
+    failures = sum(_print_tags(engine, paths, batch_size, as_json=as_json))
     if failures:
         raise typer.Exit(1)
+
+
+def _read_image(engine: Any, path: Path) -> Any:
+    """What the engine's decode gives for a file, or the InputError that says why not (never raises)."""
+    from workers.errors import ErrorKind, InputError
+
+    try:
+        size = path.stat().st_size
+        if size > engine.decoder.max_bytes:  # refused before reading, as the fleet refuses a huge object
+            return InputError(ErrorKind.TOO_LARGE, f"{path}: {size} bytes exceeds the {engine.decoder.max_bytes}-byte limit")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return InputError(ErrorKind.NOT_FOUND, f"{path}: no such file")
+    except OSError as exc:
+        return InputError(ErrorKind.FETCH, f"{path}: cannot read ({exc.strerror or exc})")
+    try:
+        return engine.decode(data, str(path))
+    except InputError as exc:
+        return exc
+
+
+def _print_tags(engine: Any, paths: list[Path], batch_size: int, *, as_json: bool) -> Iterator[bool]:
+    """Tags each batch while threads read and decode the next one; yields, per image, whether it failed."""
+    from workers.errors import InputError
+
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="ramplus-read") as pool:
+        pending = [pool.submit(_read_image, engine, p) for p in batches[0]]
+        for n, batch in enumerate(batches):
+            decoded = [f.result() for f in pending]
+            pending = [pool.submit(_read_image, engine, p) for p in batches[n + 1]] if n + 1 < len(batches) else []
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, InputError)]
+            tagged = engine.infer([decoded[i] for i in good]) if good else []
+            for i, result in zip(good, tagged):
+                decoded[i] = result
+            for path, result in zip(batch, decoded):
+                if isinstance(result, InputError):
+                    if as_json:
+                        typer.echo(json.dumps({"path": str(path), "error": {"kind": result.kind.value, "message": str(result)}}))
+                    else:
+                        typer.echo(f"skipped {result}", err=True)  # the message starts with the path
+                    yield True
+                    continue
+                if as_json:
+                    line = {"path": str(path), "tags": [{"tag": n, "score": v} for n, v in zip(result.names, result.values)],
+                            "vocab": result.vocab, "model": engine.model_id}
+                    if result.scores is not None:
+                        line["scores"] = result.scores
+                    typer.echo(json.dumps(line))
+                else:
+                    typer.echo(f"{path}\t" + (", ".join(f"{n} ({v:.2f})" for n, v in zip(result.names, result.values)) or "-"))
+                yield False
 
 
 def _settings(config: Optional[Path], **overrides: object):

@@ -66,7 +66,7 @@ def test_bad_images_are_reported_and_the_rest_still_tagged(tmp_path, image_dir, 
     assert result.exit_code == 1
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     kinds = {line["path"].split("/")[-1]: line.get("error", {}).get("kind") for line in lines}
-    assert kinds == {"broken.jpg": "decode", "text.png": "not_image", "img0.jpg": None, "missing.jpg": "decode"}
+    assert kinds == {"broken.jpg": "decode", "text.png": "not_image", "img0.jpg": None, "missing.jpg": "not_found"}
 
 
 def test_without_a_checkpoint_it_says_how_to_get_one(image_dir, monkeypatch):

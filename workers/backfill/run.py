@@ -43,6 +43,7 @@ from workers.backfill.plan import (
     transient_error_count,
 )
 from workers.backfill.report import BackfillError, BackfillSummary, ShardWriter
+from workers.stream.engine import defers_jpegs
 from workers.backfill.stages import BackfillTagger, vocab_store, fetch_and_decode, model_fingerprint
 from workers.errors import ErrorKind
 from workers.settings import FetchSettings, Settings
@@ -302,6 +303,8 @@ def _pipeline(
     decode_config = json.dumps({
         "fetch": fetch.model_dump(mode="json"), "s3": settings.s3.model_dump(mode="json"), "bucket": plan.bucket,
         "image_size": model.config.image_size, "fast": settings.model.fast_preprocess,
+        # The replicas' engine decodes these JPEGs with their batch (nvJPEG): the tasks only check them.
+        "defer_jpegs": defers_jpegs(settings.model.decode, fast=settings.model.fast_preprocess, on_cuda=use_gpu),
     }, sort_keys=True)
     tag_config = json.dumps({
         "settings": settings.model_dump(mode="json"), "fingerprint": fingerprint, "bucket": plan.bucket,

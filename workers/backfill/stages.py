@@ -1,5 +1,8 @@
 """The backfill's Ray Data stages, run in Ray workers: fetch + decode (CPU tasks), tag (an actor per replica).
 
+With JPEGs decoded on the GPU (`RAMPLUS_MODEL__DECODE`), the tasks only check them (header, limits) and the
+replicas decode them with their batch, as a fleet replica does.
+
 They run exactly the fleet's code (`ImageDecoder`, `TaggingEngine`, `TagResult.line`), so a result line here
 is the fleet's result line for the same image, model and vocabulary. Stages get their configuration as a
 JSON string: it crosses process boundaries, and a task worker keeps one decoder per distinct string.
@@ -19,6 +22,7 @@ import structlog
 import torch
 
 from ramplus_core import RamPlus
+from ramplus_core.preprocess import EncodedImage
 from workers.backfill.report import BackfillError
 from workers.errors import ErrorKind, InputError, SourceUnavailable
 from workers.schemas import TagResult
@@ -51,13 +55,17 @@ def _decoder_for(config: str) -> tuple[Any, ImageDecoder, ThreadPoolExecutor]:
 
             cfg = json.loads(config)
             fetch = FetchSettings(**cfg["fetch"])
-            decoder = ImageDecoder(cfg["image_size"], fast=cfg["fast"], max_bytes=fetch.max_bytes, max_pixels=fetch.max_pixels)
+            decoder = ImageDecoder(
+                cfg["image_size"], fast=cfg["fast"], max_bytes=fetch.max_bytes, max_pixels=fetch.max_pixels, defer_jpegs=cfg["defer_jpegs"],
+            )
             _DECODERS[config] = (S3Fetcher(fetch, S3Settings(**cfg["s3"])), decoder, ThreadPoolExecutor(fetch.concurrency))
         return _DECODERS[config]
 
 
 def fetch_and_decode(batch: Any, *, config: str) -> Any:
-    """Ray Data stage: rows {key, shard, size, etag} -> + pixels (raw bytes, c/h/w, dtype) or error_kind/error."""
+    """Ray Data stage: rows {key, shard, size, etag} -> + pixels (raw bytes, c/h/w, dtype) or error_kind/error.
+
+    A JPEG left to the replica's batched decoder (`defer_jpegs`) travels as its bytes, dtype `jpeg:<mode>`."""
     import pyarrow as pa
 
     fetcher, decoder, pool = _decoder_for(config)
@@ -68,13 +76,16 @@ def fetch_and_decode(batch: Any, *, config: str) -> Any:
         uri = f"s3://{bucket}/{row['key']}"
         out = {**row, "pixels": b"", "c": 0, "h": 0, "w": 0, "dtype": "", "error_kind": "", "error": ""}
         try:
-            pixels = decoder.decode(fetcher.fetch(uri), uri).contiguous()
+            decoded = decoder.decode(fetcher.fetch(uri), uri)
         except InputError as exc:
             return out | {"error_kind": exc.kind.value, "error": str(exc)}
         except SourceUnavailable as exc:  # S3 away: a transient error, redone by a rerun (--retry-transient)
             return out | {"error_kind": ErrorKind.FETCH.value, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a bug of ours must not fail the job: report it with the image
             return out | {"error_kind": ErrorKind.INTERNAL.value, "error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(decoded, EncodedImage):
+            return out | {"pixels": decoded.data, "c": 3, "h": decoded.height, "w": decoded.width, "dtype": f"jpeg:{decoded.mode}"}
+        pixels = decoded.contiguous()
         c, h, w = pixels.shape
         return out | {"pixels": pixels.numpy().tobytes(), "c": c, "h": h, "w": w, "dtype": str(pixels.dtype).removeprefix("torch.")}
 
@@ -164,8 +175,9 @@ class BackfillTagger:
     def _error(self, row: dict[str, Any], kind: str, message: str) -> str:
         return BackfillError(uri=self._uri(row), kind=ErrorKind(kind), message=message, size=row["size"], etag=row["etag"]).model_dump_json()
 
-    @staticmethod
-    def _pixels(row: dict[str, Any]) -> torch.Tensor:
+    def _pixels(self, row: dict[str, Any]) -> torch.Tensor | EncodedImage:
+        if row["dtype"].startswith("jpeg:"):
+            return EncodedImage(row["pixels"], "JPEG", row["dtype"].removeprefix("jpeg:"), row["w"], row["h"], self._uri(row))
         dtype = getattr(torch, row["dtype"])
         return torch.frombuffer(bytearray(row["pixels"]), dtype=dtype).view(row["c"], row["h"], row["w"])
 

@@ -27,7 +27,7 @@ import torch
 
 from ramplus_core.errors import ImageError
 from ramplus_core.model import RamPlus, VocabularyTensors
-from ramplus_core.preprocess import EncodedImage, FastPreprocessor, decodable_on_device, decode_jpegs, inspect_image, load_image, pil_to_tensor
+from ramplus_core.preprocess import EncodedImage, FastPreprocessor, decodable_on_device, decode_jpegs, inspect_image, open_image, pil_to_tensor
 from ramplus_core.tagger import place_model
 from ramplus_core.tagging import ImageTags, select_tags
 from ramplus_core.vocabulary import Vocabulary
@@ -51,26 +51,57 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ImageDecoder:
-    """Bytes -> model-ready pixels without the model: what fetch threads and backfill decode tasks run.
+    """Bytes -> model-ready pixels without the model: what fetch threads, `ramplus tag`'s threads and the
+    backfill's decode tasks run.
 
-    With `fast=True`, uint8 [3, h, w] (JPEGs decoded in the DCT domain near the model's size; the final
-    resize happens batched in `TaggingEngine.infer`); with `fast=False`, the official float [3, S, S].
+    With `fast=True`, uint8 [3, h, w] (the final resize happens batched in `TaggingEngine.infer`); with
+    `fast=False`, the official float [3, S, S]. With `defer_jpegs=True` (needs `fast`), a JPEG the batched
+    decoder takes is only checked (header, byte and pixel limits) and returned as an `EncodedImage`, left
+    for `TaggingEngine.infer` to decode with its batch on the model's device.
     """
 
-    def __init__(self, image_size: int, *, fast: bool = True, max_bytes: int = 20 * 1024 * 1024, max_pixels: int = 40_000_000) -> None:
+    def __init__(
+        self, image_size: int, *, fast: bool = True, max_bytes: int = 20 * 1024 * 1024, max_pixels: int = 40_000_000,
+        defer_jpegs: bool = False,
+    ) -> None:
+        if defer_jpegs and not fast:
+            raise ValueError("JPEGs can be left to the batched decoder only on the fast path (it feeds the batched resize)")
         self.image_size = image_size
         self.fast = FastPreprocessor(image_size, "cpu") if fast else None
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.defer_jpegs = defer_jpegs
 
-    def decode(self, data: bytes, name: str) -> torch.Tensor:
+    def decode(self, data: bytes, name: str) -> torch.Tensor | EncodedImage:
         """Thread-safe. Raises InputError (too_large, not_image, decode)."""
+        if self.defer_jpegs:
+            try:
+                checked = inspect_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, name=name)
+            except ImageError as exc:
+                raise input_error_from(exc) from exc
+            if decodable_on_device(checked):
+                return checked
+        return self.decode_pixels(data, name)
+
+    def decode_pixels(self, data: bytes, name: str) -> torch.Tensor:
+        """Decoded here, whatever the format. Thread-safe. Raises InputError."""
         try:
-            image = load_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, name=name)
-            return self.fast.decode(image) if self.fast is not None else pil_to_tensor(image, self.image_size)
+            checked = inspect_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, name=name)
+            if self.fast is None:
+                return pil_to_tensor(open_image(checked), self.image_size)
+            # Reduced in the DCT domain while decoding: draft() on an image already loaded would do nothing.
+            return self.fast.decode(open_image(checked, jpeg_draft=self.image_size if self.fast.use_draft else None))
         except ImageError as exc:
             raise input_error_from(exc) from exc
         except (OSError, ValueError, SyntaxError) as exc:  # PIL's last-resort errors while converting
             raise input_error_from(ImageError(f"{name}: cannot decode ({exc})")) from exc
+
+
+def defers_jpegs(decode: str, *, fast: bool, on_cuda: bool) -> bool:
+    """Whether JPEGs wait for the batched decoder (`RAMPLUS_MODEL__DECODE`): it feeds the batched resize, so
+    only on the fast path; `auto` means on CUDA."""
+    if decode not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"decode must be auto, cpu or gpu, not {decode!r}")
+    return fast and (decode == "gpu" or (decode == "auto" and on_cuda))
 
 
 class TaggingEngine:
@@ -90,6 +121,7 @@ class TaggingEngine:
         vocab_resolve_ttl_s: float = 1.0,
         metrics: ReplicaMetrics | None = None,
         decode: str = "auto",
+        all_scores: bool = False,
     ) -> None:
         if model.vocabulary is None:
             raise ValueError("the model has no vocabulary: load a checkpoint that has one or give a vocabulary file")
@@ -97,12 +129,11 @@ class TaggingEngine:
         self.image_size = model.config.image_size
         self.model_id = model.config.key
         self.fast = FastPreprocessor(self.image_size, self.device) if fast else None
-        self.decoder = ImageDecoder(self.image_size, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels)
-        if decode not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"decode must be auto, cpu or gpu, not {decode!r}")
-        # The batched decoder feeds the batched resize, so it needs the fast path.
-        self.decode_on_device = fast and (decode == "gpu" or (decode == "auto" and self.device.type == "cuda"))
-        self.threshold, self.top_k = threshold, top_k
+        self.decode_on_device = defers_jpegs(decode, fast=fast, on_cuda=self.device.type == "cuda")
+        self.decoder = ImageDecoder(
+            self.image_size, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels, defer_jpegs=self.decode_on_device,
+        )
+        self.threshold, self.top_k, self.all_scores = threshold, top_k, all_scores
         self._vocab_lock = threading.Lock()
         # Without a store it still keeps the versions it switched away from (for requests pinned to them).
         self.cache = VocabularyCache(
@@ -150,13 +181,6 @@ class TaggingEngine:
     def decode(self, data: bytes, name: str) -> torch.Tensor | EncodedImage:
         """Thread-safe: uint8 [3, h, w] (fast path), the official float [3, S, S], or a JPEG checked but left
         for `infer` to decode with its batch. Raises InputError."""
-        if self.decode_on_device:
-            try:
-                checked = inspect_image(data, max_bytes=self.decoder.max_bytes, max_pixels=self.decoder.max_pixels, name=name)
-            except ImageError as exc:
-                raise input_error_from(exc) from exc
-            if decodable_on_device(checked):
-                return checked
         return self.decoder.decode(data, name)
 
     def _decode_deferred(self, items: Sequence[torch.Tensor | EncodedImage]) -> list[torch.Tensor | InputError]:
@@ -173,7 +197,7 @@ class TaggingEngine:
             encoded = items[i]
             assert isinstance(encoded, EncodedImage)
             try:
-                out[i] = self.decoder.decode(encoded.data, encoded.name)
+                out[i] = self.decoder.decode_pixels(encoded.data, encoded.name)
             except InputError as exc:
                 out[i] = exc
         return out
@@ -209,12 +233,12 @@ class TaggingEngine:
             groups.setdefault(id(vocab), []).append(i)
         if len(groups) == 1:
             logits = self.model.tag_logits(x.to(self.dtype), chosen[0])  # selected where they are: only hits come back
-            return select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k)
+            return select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)
         embeds = self.model.encode_image(x.to(self.dtype))
         out: list[Any] = [None] * len(chosen)
         for rows in groups.values():
             vocab = chosen[rows[0]]
             logits = self.model.head_logits(embeds[rows], vocab)
-            for i, tags in zip(rows, select_tags(logits, vocab.vocabulary, threshold=self.threshold, top_k=self.top_k)):
+            for i, tags in zip(rows, select_tags(logits, vocab.vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)):
                 out[i] = tags
         return out
