@@ -195,7 +195,8 @@ def test_backfill_and_fleet_give_the_same_tags_and_scores(stack, ray_cluster, ti
     name = f"same-{uuid.uuid4().hex[:8]}"
     store.publish(make_vocab(name, "7", seed=4, n=10))
     keys = []
-    for i, image in enumerate(random_images(120, seed=21, size=(96, 72))):
+    # Large enough that the CPU path decodes them at half scale (draft) and the batched decoder does not.
+    for i, image in enumerate(random_images(120, seed=21, size=(144, 192))):
         keys.append(f"images/{i:03d}.jpg")
         s3_client.put_object(Bucket=s3_bucket, Key=keys[-1], Body=jpeg_bytes(image))
 
@@ -222,6 +223,23 @@ def test_backfill_and_fleet_give_the_same_tags_and_scores(stack, ray_cluster, ti
         assert [t["tag"] for t in s["tags"]] == [t["tag"] for t in b["tags"]], uri
         for ts, tb in zip(s["tags"], b["tags"]):
             assert abs(ts["score"] - tb["score"]) <= 1e-5, (uri, ts, tb)
+
+    # JPEGs left to the replicas' batched decoder (what a GPU backfill does; torchvision's decoder on the CPU
+    # here): the tasks ship the checked bytes, the replica decodes them with its batch at full size (no DCT
+    # draft), so the scores agree within the device-decode tolerance (tests/unit/test_device_decode.py).
+    settings = backfill_settings(stack, tiny_model_dir, s3_bucket, vocab=f"{name}@7", shard_size=30, output=f"s3://{s3_bucket}/out-batched/")
+    batched_summary = run_backfill(settings.model_copy(update={"model": settings.model.model_copy(update={"decode": "gpu"})}), progress=False)
+    batched = {r["uri"]: r for r in read_output(s3_client, s3_bucket, batched_summary.output)[0]}
+    assert set(batched) == set(streamed) and batched_summary.images_tagged == len(keys)
+    same_tags, moved = 0, 0.0
+    for uri, s in streamed.items():
+        scores = {t["tag"]: t["score"] for t in batched[uri]["tags"]}
+        same_tags += set(scores) == {t["tag"] for t in s["tags"]}
+        differences = [abs(scores[t["tag"]] - t["score"]) for t in s["tags"] if t["tag"] in scores]
+        assert all(d < 0.05 for d in differences), uri
+        moved = max([moved, *differences])
+    assert same_tags >= 0.9 * len(keys)
+    assert moved > 1e-4  # the batched decoder really ran: PIL's path would give the fleet's scores exactly
 
 
 def test_bad_arguments_fail_fast_with_a_clear_error(stack, tiny_model_dir, s3_bucket, monkeypatch):

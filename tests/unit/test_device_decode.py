@@ -170,3 +170,21 @@ def test_the_fleet_cpu_path_decodes_jpegs_at_a_reduced_dct_scale():
     full = ImageDecoder(384, fast=True)
     full.fast.use_draft = False
     assert tuple(full.decode(data, "big.jpg").shape) == (3, 768, 1024)
+
+
+def test_where_jpegs_are_decoded_follows_the_setting():
+    from workers.stream.engine import defers_jpegs
+
+    assert defers_jpegs("auto", fast=True, on_cuda=True) and not defers_jpegs("auto", fast=True, on_cuda=False)
+    assert defers_jpegs("gpu", fast=True, on_cuda=False)  # torchvision's decoder on the CPU: the tested path
+    assert not defers_jpegs("gpu", fast=False, on_cuda=True)  # the exact transform decodes with PIL
+    assert not defers_jpegs("cpu", fast=True, on_cuda=True)
+    with pytest.raises(ValueError, match="auto, cpu or gpu"):
+        defers_jpegs("nvjpeg", fast=True, on_cuda=True)
+    decoder = ImageDecoder(64, defer_jpegs=True)
+    image = random_images(1)[0]
+    assert isinstance(decoder.decode(jpeg_bytes(image), "a.jpg"), EncodedImage)
+    assert isinstance(decoder.decode(encoded(image, "PNG"), "a.png"), torch.Tensor)
+    assert isinstance(decoder.decode(encoded(image.convert("CMYK"), "JPEG"), "cmyk.jpg"), torch.Tensor)
+    with pytest.raises(ValueError, match="fast path"):
+        ImageDecoder(64, fast=False, defer_jpegs=True)
