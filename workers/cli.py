@@ -96,6 +96,9 @@ def tag(
         "--fast/--exact", help="--fast: the fleet's batched resize on the device (GPU speed; not bit-identical, "
         "README 'Preprocessing'); --exact: the official transform.",
     )] = False,
+    compile_model: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the image encoder for a few batch sizes (pays off on a GPU for many images).",
+    )] = False,
     decode: Annotated[str, typer.Option(
         envvar="RAMPLUS_MODEL__DECODE", help="With --fast: where JPEGs are decoded (auto = with the batch on a GPU, cpu, gpu).",
     )] = "auto",
@@ -114,7 +117,7 @@ def tag(
     if not paths:
         _fail("no images found in " + ", ".join(inputs))
     try:
-        from workers.settings import Settings
+        from workers.settings import Settings, batch_buckets
         from workers.stream.engine import TaggingEngine
         from workers.train.artifacts import ArtifactError, resolve_checkpoint
 
@@ -130,6 +133,7 @@ def tag(
         engine = TaggingEngine(
             model, device=device, precision=precision, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels,
             threshold=threshold, top_k=top_k, all_scores=all_scores, decode=decode,
+            compile_buckets=batch_buckets(batch_size) if compile_model else None,
         )
     except (RamPlusError, ValueError) as exc:
         _fail(str(exc))

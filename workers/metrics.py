@@ -30,6 +30,10 @@ class ReplicaMetrics:
             "ramplus_end_to_end_seconds", "From the record's timestamp to its result in S3", buckets=LATENCY_BUCKETS, registry=r
         )
         self.in_flight = Gauge("ramplus_in_flight", "Records polled and not yet committable", registry=r)
+        self.warmup_seconds = Gauge(
+            "ramplus_warmup_seconds", "Compiling and warming up the model's batch sizes before joining the group (0: not compiled)",
+            registry=r,
+        )
         self.oldest_in_flight = Gauge(
             "ramplus_oldest_in_flight_seconds", "Age of the oldest record holding back a partition's commits", registry=r,
         )

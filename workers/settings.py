@@ -78,6 +78,12 @@ class FetchSettings(BaseModel):
         return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.http_hosts)
 
 
+def batch_buckets(batch_size: int) -> list[int]:
+    """The batch sizes a compiled engine is built for by default: 1/8, 1/4, 1/2 and all of `batch_size`
+    (four graphs to compile and warm up; a partial batch larger than 1/8 is padded to at most twice its size)."""
+    return sorted({max(1, batch_size // d) for d in (8, 4, 2)} | {batch_size})
+
+
 class ModelSettings(BaseModel):
     checkpoint: str | None = Field(None, description="Official .pth, our model directory, or an s3:// artifact")
     variant: str | None = Field(None, description="swin_l or swin_b; inferred when omitted")
@@ -93,10 +99,30 @@ class ModelSettings(BaseModel):
         "auto",
         description="Where JPEGs are decoded: gpu = batched on the model's device (nvJPEG), cpu = PIL in the fetch threads; auto = gpu on CUDA",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the image encoder for fixed batch sizes, compiled and warmed up before a replica joins its group",
+    )
+    compile_buckets: list[int] | None = Field(
+        None, description="Batch sizes compiled (a partial batch is padded to the next); None: 1/8, 1/4, 1/2 and all of the batch size",
+    )
     cache_dir: Path = Field(
         Path("~/.cache/ramplus"), validate_default=True,
         description="Local copies: downloaded checkpoints (checkpoints/) and fetched s3:// artifacts (artifacts/)",
     )
+
+    @field_validator("compile_buckets")
+    @classmethod
+    def _positive_buckets(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError("compile buckets are batch sizes >= 1 (leave unset for the default)")
+        return value
+
+    def buckets_for(self, batch_size: int) -> list[int] | None:
+        """The batch sizes to compile for a stage that forms batches of `batch_size` (None: not compiled)."""
+        if not self.compile:
+            return None
+        return self.compile_buckets or batch_buckets(batch_size)
 
     @field_validator("cache_dir")
     @classmethod

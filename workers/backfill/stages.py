@@ -122,12 +122,15 @@ class BackfillTagger:
         f = settings.fetch
         self.engine = TaggingEngine(
             model, device=settings.model.device, precision=settings.model.precision, fast=settings.model.fast_preprocess,
-            max_bytes=f.max_bytes, max_pixels=f.max_pixels,
+            max_bytes=f.max_bytes, max_pixels=f.max_pixels, decode=settings.model.decode,
+            compile_buckets=settings.model.buckets_for(settings.backfill.batch_size),
         )
         if cfg["vocab"] is not None:
             self.engine.set_vocabulary(vocab_store(settings).load(*cfg["vocab"]))
         if self.engine.vocabulary.ref != cfg["vocab_ref"]:
             raise RuntimeError(f"replica has vocabulary {self.engine.vocabulary.ref}, the job asked for {cfg['vocab_ref']}")
+        if self.engine.buckets:
+            log.info("backfill.warmed_up", seconds=round(self.engine.warm_up(), 1), buckets=self.engine.buckets)
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa

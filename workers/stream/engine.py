@@ -20,6 +20,7 @@ vocabularies runs the image encoder once and the alignment decoder once per voca
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -122,6 +123,8 @@ class TaggingEngine:
         metrics: ReplicaMetrics | None = None,
         decode: str = "auto",
         all_scores: bool = False,
+        compile_buckets: Sequence[int] | None = None,
+        compile_backend: Any = "inductor",
     ) -> None:
         if model.vocabulary is None:
             raise ValueError("the model has no vocabulary: load a checkpoint that has one or give a vocabulary file")
@@ -134,6 +137,10 @@ class TaggingEngine:
             self.image_size, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels, defer_jpegs=self.decode_on_device,
         )
         self.threshold, self.top_k, self.all_scores = threshold, top_k, all_scores
+        self.buckets = sorted(set(compile_buckets)) if compile_buckets else []
+        if any(b < 1 for b in self.buckets):
+            raise ValueError(f"compile buckets must be batch sizes >= 1, got {list(compile_buckets or ())}")
+        self._encode = self._compiled_encoder(compile_backend) if self.buckets else self.model.encode_image
         self._vocab_lock = threading.Lock()
         # Without a store it still keeps the versions it switched away from (for requests pinned to them).
         self.cache = VocabularyCache(
@@ -141,6 +148,48 @@ class TaggingEngine:
             load=vocab_store.load if vocab_store is not None else None,
             active_version=vocab_store.active_version if vocab_store is not None else None,
         )
+
+    def _compiled_encoder(self, backend: Any) -> Any:
+        """The image encoder compiled for fixed batch sizes (one graph per bucket, no dynamic shapes).
+
+        Only the encoder: it is most of the work and knows nothing of vocabularies, so a hot swap to a
+        vocabulary of another size never recompiles; the alignment decoder runs eagerly.
+        """
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        for limit in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if hasattr(config, limit):
+                setattr(config, limit, max(getattr(config, limit), len(self.buckets) + 2))
+        return torch.compile(self.model.encode_image, dynamic=False, backend=backend)
+
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embeddings; compiled, each chunk is padded to its bucket and the padding dropped."""
+        if not self.buckets:
+            return self._encode(x)
+        parts = []
+        for start in range(0, x.shape[0], self.buckets[-1]):
+            chunk = x[start : start + self.buckets[-1]]
+            n = chunk.shape[0]
+            size = next(b for b in self.buckets if b >= n)
+            if size > n:
+                chunk = torch.cat([chunk, chunk.new_zeros(size - n, *chunk.shape[1:])])
+            parts.append(self._encode(chunk)[:n])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile and run every bucket once, with the active vocabulary, before the first real batch:
+        seconds taken. A replica calls it before it joins its consumer group, so a slow first batch can
+        never hold a partition past the group's timeouts."""
+        started = time.perf_counter()
+        s = self.image_size
+        for size in self.buckets or [1]:
+            x = torch.zeros(size, 3, s, s, device=self.device, dtype=self.dtype)
+            self.model.head_logits(self.encode_images(x), self.model.vocabulary_tensors)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -231,10 +280,10 @@ class TaggingEngine:
         groups: dict[int, list[int]] = {}
         for i, vocab in enumerate(chosen):
             groups.setdefault(id(vocab), []).append(i)
+        embeds = self.encode_images(x.to(self.dtype))
         if len(groups) == 1:
-            logits = self.model.tag_logits(x.to(self.dtype), chosen[0])  # selected where they are: only hits come back
+            logits = self.model.head_logits(embeds, chosen[0])  # selected where they are: only hits come back
             return select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)
-        embeds = self.model.encode_image(x.to(self.dtype))
         out: list[Any] = [None] * len(chosen)
         for rows in groups.values():
             vocab = chosen[rows[0]]

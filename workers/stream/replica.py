@@ -71,7 +71,14 @@ class Replica:
             fast=settings.model.fast_preprocess, max_bytes=f.max_bytes, max_pixels=f.max_pixels,
             vocab_store=self.vocab_store, vocab_cache_size=settings.redis.cache_size,
             vocab_resolve_ttl_s=settings.redis.poll_interval_s, metrics=self.metrics, decode=settings.model.decode,
+            compile_buckets=settings.model.buckets_for(fleet.batch_size),
         )
+        if self.engine.buckets:
+            # Before the consumer subscribes (KafkaSource below): compiling inside the first batch would
+            # hold its partitions for a minute, long enough for the group to count this member as gone.
+            seconds = self.engine.warm_up()
+            self.metrics.warmup_seconds.set(seconds)
+            self.log.info("replica.warmed_up", seconds=round(seconds, 1), buckets=self.engine.buckets)
         self.fetcher = UriFetcher(f, settings.s3)
         window = 4 * (fleet.max_in_flight + settings.kafka.max_poll_records) + 1000
         self.sink = S3ResultSink(settings.s3, recovery_window=window)
