@@ -2,15 +2,18 @@
 
     python bench/bench_gpu_serving.py --smoke          # CPU, tiny model: checks the script, figures mean nothing
     python bench/bench_gpu_serving.py                  # CUDA: swin_l@384, 4,585 x 51, bf16 (under 5 minutes)
-    python bench/bench_gpu_serving.py --compile        # + torch.compile of the model (adds its compile time)
+    python bench/bench_gpu_serving.py --compile        # + the compiled engine and compiled tag_logits (adds compile time)
     python bench/bench_gpu_serving.py --record         # + a markdown table appended to bench/RESULTS.md
 
 Each figure is printed as one JSON line the moment it is measured (a run cut short keeps what it measured):
 - model only: `model.tag_logits` on ready tensors, at each batch size;
 - tag selection alone (`select_tags`) at about 10 and about 3,000 tags per image, against the old per-image
   loop and as a share of the model's time for the same batch;
-- the engine on decoded pixels (resize + model + selection) and from JPEG bytes (decode threads + infer),
-  also with a fifth of the images PNG;
+- the engine on decoded pixels (resize + model + selection) and from JPEG bytes as the stream pipeline
+  drives it (decode threads, a staging thread for batch n+1 beside the model on batch n), also with a fifth
+  of the images PNG;
+- with --compile: the engine with its image encoder compiled (RAMPLUS_MODEL__COMPILE; warm-up time), and the
+  whole of `tag_logits` compiled for comparison;
 - peak GPU memory per stage.
 Ratios are what to read: engine / model-only at the same batch size and precision.
 """
@@ -70,6 +73,26 @@ def old_select(logits: torch.Tensor, vocabulary: Vocabulary) -> int:
     return n
 
 
+def stream_rate(engine: TaggingEngine, data: list[bytes], batch: int, threads: int, repeat: int, cuda: bool) -> float:
+    """Images/s through the engine as the stream pipeline drives it: decode threads, one staging thread
+    (`engine.stage` of batch n+1) beside the model running batch n (`engine.run`)."""
+    chunks = [data[i : i + batch] for i in range(0, len(data), batch)]
+    with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(1) as stager:
+        def staged(chunk: list[bytes]):  # noqa: ANN202
+            return engine.stage(list(pool.map(lambda d: engine.decode(d, "x"), chunk)))
+
+        def all_chunks() -> None:
+            pending = stager.submit(staged, chunks[0])
+            for n in range(len(chunks)):
+                ready = pending.result()
+                if n + 1 < len(chunks):
+                    pending = stager.submit(staged, chunks[n + 1])
+                engine.run(ready)
+
+        seconds = timed(all_chunks, max(1, repeat // 3), 1, cuda)
+    return len(data) / seconds
+
+
 def thresholds_for(logits: torch.Tensor, per_image: int) -> torch.Tensor:
     """One threshold for every tag that lets about `per_image` tags per image through on these logits."""
     scores = torch.sigmoid(logits.float()).flatten().cpu()
@@ -97,7 +120,7 @@ class Run:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few iterations")
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile(model.tag_logits)")
+    parser.add_argument("--compile", action="store_true", help="also measure the compiled engine and torch.compile(model.tag_logits)")
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--decode-threads", type=int, default=0, help="0: the machine's cores")
     parser.add_argument("--record", action="store_true", help="append a markdown table to bench/RESULTS.md")
@@ -154,7 +177,7 @@ def main() -> None:
 
     # The engine: resize + model + selection on decoded pixels, then from encoded bytes with decode threads.
     encoded = photos(batch, (1024, 768) if not args.smoke else (320, 240))
-    pixels = [engine.decode(data, f"{i}") for i, data in enumerate(encoded)]
+    pixels = [engine.decoder.decode_pixels(data, f"{i}") for i, data in enumerate(encoded)]  # decoded already: uint8 [3, h, w]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(lambda: engine.infer(pixels), repeat, warmup, cuda)
@@ -164,21 +187,25 @@ def main() -> None:
     threads = args.decode_threads or max(1, (torch.get_num_threads() if not cuda else 16) - 1)
     for decode, label, share in (("gpu", "JPEG", 0.0), ("gpu", "JPEG + 20% PNG", 0.2), ("cpu", "JPEG", 0.0)):
         engine.decoder.defer_jpegs = decode == "gpu"  # gpu: batched decode_jpeg on the model's device (nvJPEG on CUDA)
-        data = photos(batch * 2, (1024, 768) if not args.smoke else (320, 240), png_share=share)
-        with ThreadPoolExecutor(threads) as pool:
-            def end_to_end() -> None:
-                # two batches, decode of the second overlapping the first's inference (pipeline depth 2)
-                first = list(pool.map(lambda d: engine.decode(d, "x"), data[:batch]))
-                second = pool.map(lambda d: engine.decode(d, "x"), data[batch:])
-                engine.infer(first)
-                engine.infer(list(second))
-
-            seconds = timed(end_to_end, max(1, repeat // 2), 1, cuda)
-        rate = 2 * batch / seconds
+        data = photos(batch * 4, (1024, 768) if not args.smoke else (320, 240), png_share=share)
+        rate = stream_rate(engine, data, batch, threads, repeat, cuda)
         run.emit(what=f"engine from {label} bytes, decode={decode}", batch=batch, decode_threads=threads, images_per_s=round(rate, 1),
                  ratio_to_model_only=round(rate / (batch / model_seconds), 3))
+    engine.decoder.defer_jpegs = engine.decode_on_device
 
     if args.compile:
+        # RAMPLUS_MODEL__COMPILE=true: the image encoder compiled for this batch size, the alignment decoder eager.
+        compiled_engine = TaggingEngine(
+            engine.model, device=str(device), precision=precision, compile_buckets=[batch], threshold=engine.threshold,
+        )
+        warm_up_s = compiled_engine.warm_up()
+        seconds = timed(lambda: compiled_engine.infer(pixels), repeat, warmup, cuda)
+        run.emit(what="engine on decoded pixels, compiled encoder", batch=batch, images_per_s=round(batch / seconds, 1),
+                 warm_up_s=round(warm_up_s, 1), ratio_to_model_only=round(batch / seconds / (batch / model_seconds), 3))
+        data = photos(batch * 4, (1024, 768) if not args.smoke else (320, 240))
+        rate = stream_rate(compiled_engine, data, batch, threads, repeat, cuda)
+        run.emit(what="engine from JPEG bytes, compiled encoder", batch=batch, decode_threads=threads, images_per_s=round(rate, 1))
+        # For comparison: the whole of tag_logits compiled (encoder and alignment decoder; recompiles per vocabulary size).
         t0 = time.perf_counter()
         compiled = torch.compile(model.tag_logits)
         with torch.inference_mode():
@@ -187,7 +214,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             seconds = timed(lambda: compiled(x), repeat, warmup, cuda)
-        run.emit(what="model only, compiled", batch=batch, images_per_s=round(batch / seconds, 1), compile_s=round(compile_s, 1))
+        run.emit(what="model only, tag_logits compiled", batch=batch, images_per_s=round(batch / seconds, 1), compile_s=round(compile_s, 1))
 
     if args.record:
         lines = ["", f"### bench_gpu_serving.py on {machine}, {date.today()} (`python bench/bench_gpu_serving.py"

@@ -185,7 +185,10 @@ class FastPreprocessor:
             by_size.setdefault(tuple(p.shape[1:]), []).append(i)
         # Same-sized images (the common case in a stream) are resized in one call.
         for _, index in by_size.items():
-            batch = torch.stack([pixels[i] for i in index]).to(self.device, non_blocking=True).float()
+            batch = torch.stack([pixels[i] for i in index])
+            if self.device.type == "cuda" and batch.device.type == "cpu":
+                batch = batch.pin_memory()  # an asynchronous upload needs page-locked memory
+            batch = batch.to(self.device, non_blocking=True).float()
             resized = F.interpolate(batch, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
             out[index] = resized.round_().clamp_(0, 255).div_(255)
         return _normalize(out)

@@ -24,7 +24,7 @@ SLOW_S = 15.0  # one batch: 2.5 sessions
 
 
 class SlowOnce:
-    """Wraps `engine.infer`: the first batch after `arm()` sleeps SLOW_S before it is tagged."""
+    """Wraps `engine.run` (the model step of the pipeline): the first batch after `arm()` sleeps SLOW_S before it is tagged."""
 
     def __init__(self, infer) -> None:  # noqa: ANN001
         self.infer = infer
@@ -60,7 +60,7 @@ def test_a_slow_batch_during_a_rebalance_keeps_the_member_and_writes_what_it_hel
     )
     group, instance = settings.kafka.group_id, f"{settings.kafka.group_id}-replica-0"
     first = Replica(settings, 0)
-    slow = first.engine.infer = SlowOnce(first.engine.infer)
+    slow = first.engine.run = SlowOnce(first.engine.run)
     second: Replica | None = None
     threads = [threading.Thread(target=first.run, name="replica-0", daemon=True)]
     threads[0].start()

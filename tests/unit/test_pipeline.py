@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import fakeredis
 import pytest
@@ -330,3 +331,35 @@ def test_requests_naming_vocabularies_get_theirs_and_unservable_ones_are_dead_le
     assert kinds == {"unknown-version": ErrorKind.VALIDATION, "unknown-name": ErrorKind.VALIDATION, None: ErrorKind.VALIDATION}
     assert [d.error.message.split(":")[1].strip() for d in dead.letters if d.id is None] == ["vocab"]
     assert pipeline.engine.cache.refs() == ["products@3"]
+
+
+def test_the_next_batch_is_staged_while_the_model_runs_this_one(images):
+    """Overlap (issue 16, step 3): `stage` of batch n+1 starts before `run` of batch n returns."""
+    objects = {f"s3://b/{i}.jpg": jpeg_bytes(im) for i, im in enumerate(images)}
+    requests = [TagRequest(id=f"id{i}", uri=uri) for i, uri in enumerate(objects)]
+    source = LocalSource(requests, max_poll_records=16)
+    engine = TaggingEngine(make_tiny_model(), device="cpu")
+    events: list[str] = []
+    stage, run = engine.stage, engine.run
+
+    def slow_run(staged, vocabularies=None):
+        events.append("run")
+        time.sleep(0.5)  # long enough for the staging thread to take the next batch from the queue
+        out = run(staged, vocabularies)
+        events.append("ran")
+        return out
+
+    def noted_stage(pixels):
+        events.append("stage")
+        return stage(pixels)
+
+    engine.run, engine.stage = slow_run, noted_stage
+    sink = MemorySink()
+    pipeline = StreamPipeline(
+        source, sink, MemoryDeadLetters(), engine, DictFetcher(objects), worker="test", batch_size=2,
+        max_batch_wait_s=0.01, max_in_flight=64, fetch_concurrency=3,
+    )
+    pipeline.run(threading.Event(), until_idle=lambda: source.exhausted)
+    assert sorted(r.id for r in sink.results) == sorted(r.id for r in requests)
+    first_run = events.index("run")
+    assert "stage" in events[first_run : events.index("ran")], events  # staged during the first run

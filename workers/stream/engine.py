@@ -19,6 +19,8 @@ vocabularies runs the image encoder once and the alignment decoder once per voca
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -49,6 +51,18 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@dataclasses.dataclass
+class StagedBatch:
+    """A batch ready for the model (`TaggingEngine.stage`): pixels on the device for the images at `good`,
+    the `InputError` of each one that could not be decoded, and the event that marks the upload done (CUDA)."""
+
+    size: int
+    good: list[int]
+    pixels: torch.Tensor | None
+    errors: dict[int, InputError]
+    ready: Any = None
 
 
 class ImageDecoder:
@@ -141,6 +155,7 @@ class TaggingEngine:
         if any(b < 1 for b in self.buckets):
             raise ValueError(f"compile buckets must be batch sizes >= 1, got {list(compile_buckets or ())}")
         self._encode = self._compiled_encoder(compile_backend) if self.buckets else self.model.encode_image
+        self._side_stream: Any = None
         self._vocab_lock = threading.Lock()
         # Without a store it still keeps the versions it switched away from (for requests pinned to them).
         self.cache = VocabularyCache(
@@ -257,30 +272,58 @@ class TaggingEngine:
     ) -> list[ImageTags | InputError]:
         """Tags for each image (what `decode` gave), with its vocabulary from `vocabulary_for` (None or no list:
         the active one); an image that could not be decoded gets its `InputError` instead."""
-        decoded = self._decode_deferred(items)
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, InputError)]
-        if len(good) == len(decoded):
-            return self._infer([d for d in decoded], vocabularies)  # type: ignore[misc]
-        out: list[ImageTags | InputError] = list(decoded)  # type: ignore[arg-type]
-        if good:
-            chosen = [vocabularies[i] for i in good] if vocabularies is not None else None
-            for i, tags in zip(good, self._infer([decoded[i] for i in good], chosen)):  # type: ignore[misc]
-                out[i] = tags
+        return self.run(self.stage(items), vocabularies)
+
+    @torch.inference_mode()
+    def stage(self, items: Sequence[torch.Tensor | EncodedImage]) -> StagedBatch:
+        """The batch's deferred JPEGs decoded, the images resized, normalised and on the device: all that
+        `run` needs. On CUDA this runs on a stream of its own, so a thread can stage batch n+1 while batch n
+        runs (the stream pipeline does)."""
+        side = self._stage_stream()
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            decoded = self._decode_deferred(items)
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, InputError)]
+            pixels: list[torch.Tensor] = [decoded[i] for i in good]  # type: ignore[misc]
+            x = None
+            if pixels:
+                x = self.fast.resize(pixels) if self.fast is not None else torch.stack(pixels).to(self.device, non_blocking=True)
+                x = x.to(self.dtype)
+            ready = side.record_event() if side is not None else None
+        errors = {i: d for i, d in enumerate(decoded) if isinstance(d, InputError)}
+        return StagedBatch(len(items), good, x, errors, ready)
+
+    @torch.inference_mode()
+    def run(self, staged: StagedBatch, vocabularies: Sequence[VocabularyTensors | None] | None = None) -> list[ImageTags | InputError]:
+        """Model and tag selection for a staged batch; the vocabularies are resolved now, between batches."""
+        out: list[ImageTags | InputError] = [staged.errors.get(i) for i in range(staged.size)]  # type: ignore[misc]
+        if staged.pixels is None:
+            return out
+        x = staged.pixels
+        if staged.ready is not None:  # staged on the side stream: wait for it on the GPU, not in Python
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(staged.ready)
+            x.record_stream(current)
+        chosen_for_good = [vocabularies[i] for i in staged.good] if vocabularies is not None else None
+        for i, tags in zip(staged.good, self._infer(x, chosen_for_good)):
+            out[i] = tags
         return out
 
-    def _infer(self, pixels: Sequence[torch.Tensor], vocabularies: Sequence[VocabularyTensors | None] | None) -> list[ImageTags]:
-        if self.fast is not None:
-            x = self.fast.resize(pixels)
-        else:
-            x = torch.stack(list(pixels)).to(self.device, non_blocking=True)
+    def _stage_stream(self) -> Any:
+        if self.device.type != "cuda":
+            return None
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
+
+    def _infer(self, x: torch.Tensor, vocabularies: Sequence[VocabularyTensors | None] | None) -> list[ImageTags]:
         with self._vocab_lock:
             active = self.model.vocabulary_tensors
         assert active is not None
-        chosen = [v or active for v in vocabularies] if vocabularies is not None else [active] * len(pixels)
+        chosen = [v or active for v in vocabularies] if vocabularies is not None else [active] * x.shape[0]
         groups: dict[int, list[int]] = {}
         for i, vocab in enumerate(chosen):
             groups.setdefault(id(vocab), []).append(i)
-        embeds = self.encode_images(x.to(self.dtype))
+        embeds = self.encode_images(x)
         if len(groups) == 1:
             logits = self.model.head_logits(embeds, chosen[0])  # selected where they are: only hits come back
             return select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)

@@ -1,6 +1,6 @@
 """The stream pipeline: poll -> fetch + decode (threads) -> micro-batch -> model -> write -> commit.
 
-One pipeline per replica. Four kinds of thread, so that no stage waits on another:
+One pipeline per replica. Five kinds of thread, so that no stage waits on another:
 
 - the polling thread (the caller of `run`) owns the source and the offset tracker: it polls, pauses and
   resumes partitions to bound memory, and commits (kafka-python's consumer is not thread-safe: only this
@@ -8,8 +8,9 @@ One pipeline per replica. Four kinds of thread, so that no stage waits on anothe
   thread is blocked inside `poll`, and drains through the non-blocking `drain_left` / `end_drain`;
 - `fetch_concurrency` worker threads parse, fetch and decode; a request that can never succeed goes to
   the dead-letter sink from here;
-- one inference thread forms batches (up to `batch_size`, waiting at most `max_batch_wait_s` for a
-  partial one) and runs the model;
+- one staging thread forms batches (up to `batch_size`, waiting at most `max_batch_wait_s` for a
+  partial one) and stages each (`engine.stage`: JPEGs decoded with their batch, resized, on the device)
+  while one inference thread runs the model on the batch before it;
 - one writer thread writes each batch's results (one object per partition) and reports them done.
 
 A record's offset is committed only after its result was written or its dead letter acknowledged, and
@@ -59,7 +60,7 @@ log = structlog.get_logger("ramplus.pipeline")
 class Prepared:
     record: Record
     request: TagRequest
-    pixels: Any  # what the engine's decode gave: pixels, or a checked JPEG that infer decodes with its batch
+    pixels: Any  # what the engine's decode gave: pixels, or a checked JPEG that stage decodes with its batch
     polled_at: float
     epoch: int
     vocab: Any = None  # what the engine's vocabulary_for gave; None: the active vocabulary at batch time
@@ -343,14 +344,23 @@ class StreamPipeline:
                 break
         return batch
 
+    def _next_staged(self) -> tuple[list[Prepared], Any] | None:
+        batch = self._next_batch()
+        return None if batch is None else (batch, self.engine.stage([p.pixels for p in batch]))
+
     def _infer_loop(self) -> None:
+        # Batch n+1 is formed, decoded and put on the device by the staging thread while batch n runs here.
+        stager = ThreadPoolExecutor(1, thread_name_prefix="ramplus-stage")
         try:
+            pending = stager.submit(self._next_staged)
             while not self._stopping.is_set():
-                batch = self._next_batch()
-                if batch is None:
+                item = pending.result()
+                pending = stager.submit(self._next_staged)
+                if item is None:
                     continue
+                batch, staged = item
                 started = time.monotonic()
-                tags = self.engine.infer([p.pixels for p in batch], [p.vocab for p in batch])
+                tags = self.engine.run(staged, [p.vocab for p in batch])
                 self.metrics.batch_size.observe(len(batch))
                 self.metrics.batch_seconds.observe(time.monotonic() - started)
                 self.stats["batches"] += 1
@@ -359,6 +369,7 @@ class StreamPipeline:
             log.exception("inference.failed")
             self._fatal = exc
         finally:
+            stager.shutdown(wait=False, cancel_futures=True)
             self._to_write.put(None)
 
     # -- writer thread ------------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ class Engine(Protocol):
     model_id: str
 
     def decode(self, data: bytes, name: str) -> torch.Tensor | EncodedImage:
-        """Pixels, or a checked JPEG left for `infer` to decode with its batch; `InputError` if it is no image."""
+        """Pixels, or a checked JPEG left for `stage` to decode with its batch; `InputError` if it is no image."""
     def vocabulary_for(self, ref: str) -> Any: ...
-    def infer(self, pixels: list[torch.Tensor | EncodedImage], vocabularies: list[Any] | None = None) -> list[ImageTags | InputError]:
+    def stage(self, pixels: list[torch.Tensor | EncodedImage]) -> Any:
+        """The batch made ready for the model (decoded, resized, on the device), on the staging thread."""
+    def run(self, staged: Any, vocabularies: list[Any] | None = None) -> list[ImageTags | InputError]:
         """Per image: its tags, or the `InputError` of an image that could not be decoded after all."""
