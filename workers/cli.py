@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 import typer
 
 from workers.logs import configure_logging
-from workers.stream.producer import IMAGE_SUFFIXES
+from workers.io.local_files import image_files
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="RAM++ open-set image tagging.")
 weights_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: fetch and verify.")
@@ -66,7 +66,7 @@ def iter_image_paths(inputs: list[str]) -> Iterator[Path]:
             item = unquote(uri.path)
         path = Path(item)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            yield from image_files(path)
         else:
             yield path  # a missing file is reported per image, not as a crash
 

@@ -10,11 +10,11 @@ from urllib.parse import quote
 
 from kafka import KafkaProducer
 
+from workers.io.local_files import image_files
 from workers.io.s3 import parse_s3_uri
 from workers.schemas import TagRequest
 from workers.settings import KafkaSettings
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def stable_id(uri: str) -> str:
@@ -41,7 +41,7 @@ def iter_uris(inputs: Iterable[str], *, s3: Any = None) -> Iterator[str]:
         else:
             path = Path(item)
             if path.is_dir():
-                yield from (file_uri(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                yield from (file_uri(p) for p in image_files(path))
             elif path.is_file():
                 yield file_uri(path)
             else:
