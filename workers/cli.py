@@ -14,9 +14,13 @@ from urllib.parse import unquote, urlparse
 import typer
 
 from workers.logs import configure_logging
+from workers.cli_errors import ExplainedErrors
 from workers.io.local_files import image_files
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="RAM++ open-set image tagging.")
+app = typer.Typer(
+    cls=ExplainedErrors, no_args_is_help=True, add_completion=False, help="RAM++ open-set image tagging.",
+    pretty_exceptions_show_locals=False,  # a traceback (--debug) must never print settings or secrets held in locals
+)
 weights_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: fetch and verify.")
 app.add_typer(weights_app, name="weights")
 
@@ -40,10 +44,14 @@ app.add_typer(_data_app(), name="data")
 
 
 @app.callback()
-def _settings_scheme() -> None:
+def _settings_scheme(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", envvar="RAMPLUS_DEBUG", help="Show the traceback of a failure, not one line.")] = False,
+) -> None:
     """RAM++ open-set image tagging."""
     from workers.settings import refuse_retired_env
 
+    ctx.meta["ramplus.debug"] = debug
     try:
         refuse_retired_env()
     except ValueError as exc:
