@@ -19,9 +19,10 @@ from workers.io.local_files import image_files
 
 app = typer.Typer(
     cls=ExplainedErrors, no_args_is_help=True, add_completion=False, help="RAM++ open-set image tagging.",
+    rich_markup_mode=None,  # click's plain help wraps long option names and env vars; rich's tables cut them at 80 columns
     pretty_exceptions_show_locals=False,  # a traceback (--debug) must never print settings or secrets held in locals
 )
-weights_app = typer.Typer(no_args_is_help=True, help="Official checkpoints: fetch and verify.")
+weights_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Official checkpoints: fetch and verify.")
 app.add_typer(weights_app, name="weights")
 
 

@@ -48,3 +48,34 @@ def test_importing_the_cli_costs_about_what_its_small_libraries_cost():
     floor = best_of("import typer, structlog, pydantic_settings")
     cli = best_of("import workers.cli")
     assert cli < 2.0 * floor + 0.2, (cli, floor)
+
+
+def test_help_at_80_columns_shows_every_option_and_env_var_whole():
+    import typer.main
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    # Duck-typed: typer builds its commands on its own copy of click's classes.
+    def walk(command, path: list[str]):  # noqa: ANN001
+        yield path, command
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from walk(sub, [*path, name])
+
+    runner = CliRunner()
+    checked = 0
+    for path, command in walk(typer.main.get_command(app), []):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0, (path, result.output)
+        assert "…" not in result.output and max(map(len, result.output.splitlines())) <= 80, path
+        words = set(result.output.replace("[env var:", " ").replace("/", " ").split())
+        for param in command.params:
+            if param.param_type_name == "option" and not param.hidden:
+                for name in [*param.opts, *param.secondary_opts]:
+                    assert name in result.output, (path, name)
+                    checked += 1
+                envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+                for env in envvars if param.show_envvar else ():
+                    assert any(env in w for w in words), (path, env)
+    assert checked > 50  # every command's options were looked at

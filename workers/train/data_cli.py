@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Datasets: a synthetic image-tag-text set for tests and demos.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Datasets: a synthetic image-tag-text set for tests and demos.")
 
 
 def _fail(message: str) -> None:

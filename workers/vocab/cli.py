@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Vocabularies: build, publish to Redis, activate, roll back.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Vocabularies: build, publish to Redis, activate, roll back.")
 
 
 def _fail(message: str) -> None:
