@@ -148,3 +148,13 @@ def test_samples_writes_scikit_images_real_photos_as_jpegs(tmp_path):
             assert min(im.size) >= 256  # real photos, not thumbnails
     assert len({f.read_bytes() for f in files}) == len(files)
     assert (741, 500) in sizes  # the motorcycle's left view, not its stereo stack or disparity map
+
+
+def test_a_skipped_image_is_named_once_with_its_reason(tmp_path, our_checkpoint):
+    (tmp_path / "text.png").write_text("hello")
+    result = runner.invoke(app, ["tag", str(tmp_path / "text.png"), str(tmp_path / "gone.jpg"), "--checkpoint", str(our_checkpoint)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("skipped ") for line in lines)
+    assert lines[0].count("text.png") == 1 and "not an image" in lines[0].lower()
+    assert lines[1].count("gone.jpg") == 1 and "no such file" in lines[1]
