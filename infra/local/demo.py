@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # `infra.local` (the stack and its kit) lives in 
 
 from infra.local import kit  # noqa: E402
 from infra.local.local_ray import LocalRay  # noqa: E402
-from infra.local.demo_report import DemoResult, Timings, print_summary, say, summary_dict, write_report  # noqa: E402
+from infra.local.demo_report import DemoResult, DemoSummary, Timings, print_summary, say, what_next, write_report  # noqa: E402
 
 BUCKET = "ramplus-demo"
 VOCAB = "demo"  # the demo owns this vocabulary name in Redis and recreates it on every run
@@ -456,9 +456,11 @@ def run_demo(
             stack.down(config, ours)
 
     total = time.monotonic() - started
-    print_summary(ctx, timings, total)
-    (out / "summary.json").write_text(json.dumps(summary_dict(ctx, timings, total), indent=2, default=str))
-    say(f"report: {report}\nsummary: {out / 'summary.json'}\ndone in {total:.0f} s")
+    summary = DemoSummary.of(ctx, timings, total)
+    print_summary(summary)
+    (out / "summary.json").write_text(summary.model_dump_json(indent=2))
+    say(what_next(report, out / "summary.json", artifact=artifact, stack_stopped=bool(ours)))
+    say(f"done in {total:.0f} s")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 
 @dataclass
@@ -46,36 +48,98 @@ class DemoResult:
     requests: int
 
 
-def summary_dict(ctx: DemoResult, timings: Timings, total: float) -> dict[str, Any]:
-    final = ctx.metrics.get("final", {})
-    ids = Counter(r["id"] for r in ctx.results)
-    return {
-        "run": ctx.stamp,
-        "model": ctx.artifact + (" (trained now)" if ctx.trained else " (reused)"),
-        "held-out mAP / label prior": f"{final.get('val_map', float('nan')):.3f} / {final.get('prior_map', float('nan')):.3f}",
-        "stream requests": ctx.requests,
-        "stream results (distinct ids, duplicates)": f"{len(ids)}, {sum(n - 1 for n in ids.values())}",
-        "dead letters by kind": dict(sorted(Counter(d["error"]["kind"] for d in ctx.dead_letters).items())),
-        "results per vocabulary": dict(sorted(Counter(r["vocab"] for r in ctx.results).items())),
-        "every replica on demo@2": ctx.switched,
-        "backfill tagged / errors / skipped": f"{ctx.backfill['images_tagged']} / {sum(ctx.backfill['errors'].values())} / {ctx.backfill['images_skipped']}",
-        "photos tagged with --checkpoint": f"{len(ctx.official)} ({ctx.checkpoint})" if ctx.checkpoint else "not run (no --checkpoint)",
-        "seconds by phase": {k: round(v, 1) for k, v in timings.phases.items()},
-        "seconds in all": round(total, 1),
-    }
+class ModelSummary(BaseModel):
+    artifact: str
+    trained_now: bool  # False: an artifact of the same recipe was reused
+    held_out_map: float | None
+    label_prior_map: float | None
 
 
-def _flat(value: Any) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+class StreamSummary(BaseModel):
+    requests: int
+    distinct_results: int
+    duplicates: int
+    dead_letters_by_kind: dict[str, int]
+    results_per_vocabulary: dict[str, int]
+    every_replica_on_demo_2: bool
 
 
-def print_summary(ctx: DemoResult, timings: Timings, total: float) -> None:
+class BackfillCounts(BaseModel):
+    tagged: int
+    errors: int
+    skipped: int
+
+
+class OfficialPhotos(BaseModel):
+    tagged: int
+    checkpoint: str
+
+
+class DemoSummary(BaseModel):
+    """var/demo/summary.json: numbers a script can check; the printed table is rendered from it."""
+
+    schema_version: Literal[1] = 1
+    run: str
+    model: ModelSummary
+    stream: StreamSummary
+    backfill: BackfillCounts
+    photos_tagged_with_checkpoint: OfficialPhotos | None
+    seconds_by_phase: dict[str, float]
+    seconds_total: float
+
+    @classmethod
+    def of(cls, ctx: DemoResult, timings: Timings, total: float) -> DemoSummary:
+        final = ctx.metrics.get("final", {})
+        ids = Counter(r["id"] for r in ctx.results)
+        return cls(
+            run=ctx.stamp,
+            model=ModelSummary(artifact=ctx.artifact, trained_now=ctx.trained, held_out_map=final.get("val_map"),
+                               label_prior_map=final.get("prior_map")),
+            stream=StreamSummary(
+                requests=ctx.requests, distinct_results=len(ids), duplicates=sum(n - 1 for n in ids.values()),
+                dead_letters_by_kind=dict(sorted(Counter(d["error"]["kind"] for d in ctx.dead_letters).items())),
+                results_per_vocabulary=dict(sorted(Counter(r["vocab"] for r in ctx.results).items())),
+                every_replica_on_demo_2=ctx.switched,
+            ),
+            backfill=BackfillCounts(tagged=ctx.backfill["images_tagged"], errors=sum(ctx.backfill["errors"].values()),
+                                    skipped=ctx.backfill["images_skipped"]),
+            photos_tagged_with_checkpoint=OfficialPhotos(tagged=len(ctx.official), checkpoint=ctx.checkpoint) if ctx.checkpoint else None,
+            seconds_by_phase={k: round(v, 1) for k, v in timings.phases.items()},
+            seconds_total=round(total, 1),
+        )
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The table's wording, each count with its label."""
+        m, st, b, photos = self.model, self.stream, self.backfill, self.photos_tagged_with_checkpoint
+
+        def score(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        def counts(values: dict[str, Any]) -> str:
+            return ", ".join(f"{k}: {v}" for k, v in values.items()) or "none"
+
+        return [
+            ("run", self.run),
+            ("model", f"{m.artifact} ({'trained now' if m.trained_now else 'reused'})"),
+            ("held-out mAP", f"{score(m.held_out_map)} (label prior: {score(m.label_prior_map)})"),
+            ("stream", f"{st.requests} requests -> {st.distinct_results} results, {st.duplicates} duplicates"),
+            ("dead letters", counts(st.dead_letters_by_kind)),
+            ("results per vocabulary", counts(st.results_per_vocabulary)),
+            ("every replica on demo@2", "yes" if st.every_replica_on_demo_2 else "no"),
+            ("backfill", f"{b.tagged} tagged, {b.errors} errors, {b.skipped} skipped (done before)"),
+            ("photos tagged with --checkpoint", f"{photos.tagged} ({photos.checkpoint})" if photos else "not run (no --checkpoint)"),
+            ("seconds by phase", counts(self.seconds_by_phase)),
+            ("seconds in all", f"{self.seconds_total:.0f}"),
+        ]
+
+
+def print_summary(summary: DemoSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="RAMPlus demo", show_header=False)
-    for key, value in summary_dict(ctx, timings, total).items():
-        table.add_row(key, _flat(value))
+    for key, value in summary.rows():
+        table.add_row(key, value)
     Console(width=140).print(table)
 
 
@@ -89,7 +153,7 @@ def write_report(out: Path, ctx: DemoResult, images: dict[str, bytes], timings: 
         TagResult(id=Path(r["path"]).stem, uri=r["uri"], tags=r["tags"], vocab=r["vocab"], model=r["model"], worker="ramplus tag")
         for r in ctx.official
     ]
-    summary = {k: _flat(v) for k, v in summary_dict(ctx, timings, sum(timings.phases.values())).items()
+    summary = {k: v for k, v in DemoSummary.of(ctx, timings, sum(timings.phases.values())).rows()
                if k not in ("results per vocabulary", "seconds in all")}
     items = (report_images(stream, images, path="stream (Kafka -> fleet -> S3)")
              + report_images(backfill, images, path="backfill (S3 prefix -> Ray Data -> S3)")
@@ -97,3 +161,21 @@ def write_report(out: Path, ctx: DemoResult, images: dict[str, bytes], timings: 
     page = out / "report.html"
     page.write_text(render(Report("RAMPlus demo: " + ctx.stamp, summary, items)), encoding="utf-8")
     return page
+
+
+def what_next(report: Path, summary: Path, *, artifact: str, stack_stopped: bool) -> str:
+    """The lines the demo ends with: where its outputs are and how to go on with the model it trained."""
+    lines = [
+        "what next:",
+        f"  open the report:        xdg-open {report}   (or open file://{report.resolve()} in a browser)",
+        f"  the summary, as JSON:   {summary}",
+    ]
+    if stack_stopped:
+        lines.append("  the model lives in the local S3 server, which the demo started and stopped; start the stack again:")
+        lines.append("                          python infra/local/stack.py up")
+    lines += [
+        "  tag your own images with this model (the stack's settings in your shell, then the CLI):",
+        '                          eval "$(python infra/local/stack.py env)"',
+        f"                          .venv/bin/ramplus tag path/to/images --checkpoint {artifact}",
+    ]
+    return "\n".join(lines)

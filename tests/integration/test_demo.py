@@ -3,7 +3,6 @@ in headless Chromium. CI runs it from a fresh clone, so the first run here train
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -15,6 +14,8 @@ import pytest
 from PIL import Image
 
 from browser import dump_dom, screenshot
+from infra.local.demo_report import DemoSummary
+from workers.io.samples import sample_photos
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,20 +33,32 @@ def test_the_quick_demo_runs_the_lifecycle_and_its_report_shows_every_image(stac
     # servers it did not start stay up
     assert all(stack.is_ready(s) for s in ("kafka", "redis", "s3")), "the demo stopped servers it did not start"
 
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["model"].endswith("(trained now)")  # by jobs/retrain.py, submitted through Ray's job API
+    summary = DemoSummary.model_validate_json((tmp_path / "summary.json").read_text())  # typed numbers, versioned
+    assert summary.schema_version == 1
+    assert summary.model.trained_now  # by jobs/retrain.py, submitted through Ray's job API
     assert "retrain.epoch" in done.stdout  # the job's epoch lines, relayed as they came
-    distinct, duplicates = map(int, summary["stream results (distinct ids, duplicates)"].split(", "))
-    assert (distinct, duplicates) == (SCENES + PHOTOS, 0)
-    assert summary["stream requests"] == SCENES + PHOTOS + BAD
-    assert summary["dead letters by kind"] == {"forbidden": 1, "not_found": 1, "not_image": 1}
-    per_vocab = summary["results per vocabulary"]
+    stream = summary.stream
+    assert (stream.distinct_results, stream.duplicates) == (SCENES + PHOTOS, 0)
+    assert stream.requests == SCENES + PHOTOS + BAD
+    assert stream.dead_letters_by_kind == {"forbidden": 1, "not_found": 1, "not_image": 1}
+    per_vocab = stream.results_per_vocabulary
     assert set(per_vocab) == {"demo@1", "demo@2"} and sum(per_vocab.values()) == SCENES + PHOTOS, per_vocab
-    assert summary["every replica on demo@2"] is True
-    tagged, errors, _ = summary["backfill tagged / errors / skipped"].split(" / ")
-    assert (int(tagged), int(errors)) == (BACKFILL + PHOTOS, 0)
-    held_out, prior = map(float, summary["held-out mAP / label prior"].split(" / "))
-    assert held_out > prior  # even the quick training learns something (colours and backgrounds come first)
+    assert stream.every_replica_on_demo_2 is True
+    assert (summary.backfill.tagged, summary.backfill.errors) == (BACKFILL + PHOTOS, 0)
+    assert summary.model.held_out_map > summary.model.label_prior_map  # even the quick training learns something
+
+    # It ends saying what to do next, and the command it gives for your own images works as printed.
+    command = next(line.strip() for line in done.stdout.splitlines() if "ramplus tag path/to/images --checkpoint" in line)
+    assert command.split("--checkpoint ")[1] == summary.model.artifact
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, data in list(sample_photos().items())[:PHOTOS]:
+        (mine / f"{name}.jpg").write_bytes(data)
+    tagged = subprocess.run([sys.executable, "-m", "workers.cli", "tag", str(mine), "--json", "--checkpoint", summary.model.artifact],
+                            cwd=ROOT, env={**env, **stack.env}, capture_output=True, text=True, timeout=300)
+    assert tagged.returncode == 0, tagged.stderr[-3000:]
+    assert len(tagged.stdout.splitlines()) == PHOTOS
+    assert "xdg-open" in done.stdout and "stack.py env" in done.stdout
 
     page = tmp_path / "report.html"
     dom = dump_dom(page)
@@ -56,7 +69,7 @@ def test_the_quick_demo_runs_the_lifecycle_and_its_report_shows_every_image(stac
     shown = re.findall(r'<span class="tag">([^<]+)</span><span class="bar"[^>]*></span><span class="score">([0-9.]+)</span>', dom)
     assert len(shown) >= len(cards) // 2, "tags with their scores are on the page"
     assert "chelsea" in dom and "stream (Kafka" in dom and "backfill (S3" in dom and "tiny (ramplus tag)" in dom
-    assert summary["photos tagged with --checkpoint"].startswith(f"{PHOTOS} (")
+    assert summary.photos_tagged_with_checkpoint is not None and summary.photos_tagged_with_checkpoint.tagged == PHOTOS
     # demo@2 is the object tags only: no background tag in any of its cards
     for card in dom.split('<div class="card" ')[1:]:
         if 'data-vocab="demo@2"' in card.split(">", 1)[0]:
