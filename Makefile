@@ -11,15 +11,18 @@ DEMO_ARGS ?=
 .PHONY: setup test test-fast run tag-photos bench clean
 
 $(BIN)/uv:
+	@echo "setup: creating $(VENV) and installing uv (first time only)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
 
 setup: $(BIN)/uv
+	@echo "setup: installing ramplus and its dev extras into $(VENV) (torch, Ray, timm, open_clip...: minutes the first time, seconds after)"
 	$(BIN)/uv pip install --quiet -p $(BIN)/python -e '.[dev]'
 
 # Every test: unit, the full-size official variants, and the integration tests against the real local stack
 # (Kafka, Redis, s3proxy from infra/local, installed and started by the tests themselves).
 test: setup
+	@echo "test: unit, slow and integration tiers; the integration tests install (first time) and start Kafka, Redis and s3proxy from infra/local"
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The fast unit tier only (seconds, no servers): what to run while editing.

@@ -9,7 +9,9 @@ made with it are never mistaken for real ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import open_clip
@@ -20,6 +22,23 @@ from torch import nn
 from ramplus_core.errors import WeightsUnavailableError
 
 log = structlog.get_logger(__name__)
+
+
+class _OpenClipRandomInit(logging.Filter):
+    """open_clip's own line for random weights (a root-logger warning): ours says it once, with the seed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_open_clip_random_init_warning() -> Iterator[None]:
+    drop = _OpenClipRandomInit()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 # Ships with the package: a 2-layer text tower in the same 512-d space, for tests and demos.
 open_clip.add_model_config(Path(__file__).parent / "text_configs")
@@ -56,7 +75,7 @@ class TextEncoder:
             )
         # Random weights (tests, synthetic data) come from `seed`, so that every process that builds this
         # encoder (the vocabulary builder, each training worker) embeds a text the same way.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _without_open_clip_random_init_warning():
             torch.manual_seed(seed)
             model = self._create(model_name, pretrained, precision, cache_dir)
         if pretrained is None:

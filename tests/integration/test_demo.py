@@ -59,6 +59,10 @@ def test_the_quick_demo_runs_the_lifecycle_and_its_report_shows_every_image(stac
     assert tagged.returncode == 0, tagged.stderr[-3000:]
     assert len(tagged.stdout.splitlines()) == PHOTOS
     assert "xdg-open" in done.stdout and "stack.py env" in done.stdout
+    # Quiet by default: one warning per fact, no Ray Data execution plans or progress-bar notices.
+    log = done.stdout + done.stderr
+    assert "Starting execution of Dataset" not in log and "Progress bars disabled" not in log
+    assert "No pretrained weights loaded" not in log  # open_clip's duplicate of text_encoder.random_weights
 
     page = tmp_path / "report.html"
     dom = dump_dom(page)

@@ -47,3 +47,15 @@ def test_random_weights_come_from_the_seed_so_every_process_embeds_alike():
     b = TextEncoder("ramplus-tiny-text", None).encode(texts)
     c = TextEncoder("ramplus-tiny-text", None, seed=1).encode(texts)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_random_weights_are_reported_once(caplog, capsys):
+    import logging
+
+    from ramplus_core.text_encoder import TextEncoder
+
+    with caplog.at_level(logging.WARNING):
+        TextEncoder(pretrained=None, seed=1)
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]  # open_clip's own line is dropped
+    out = capsys.readouterr()
+    assert "text_encoder.random_weights" in out.out + out.err  # ours remains, with the seed

@@ -278,6 +278,15 @@ def _finish(client: Any, plan: BackfillPlan, writer: ShardWriter, errors: Counte
     return summary
 
 
+def quiet_ray_data(*, verbose: bool) -> None:
+    """Ray Data's INFO lines (execution plans, log paths) only with RAMPLUS_LOG__LEVEL=DEBUG; and never its
+    warning that progress bars are off: they are, on purpose (our own bar counts images)."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 class BackfillInterrupted(Exception):
     def __init__(self, summary: BackfillSummary) -> None:
         super().__init__("backfill interrupted: finished shards are kept, a rerun does the rest")
@@ -296,6 +305,7 @@ def _pipeline(
         ray.init(address=settings.fleet.ray_address, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours is the one that counts images
+    quiet_ray_data(verbose=settings.log.level.upper() == "DEBUG")
     ctx.execution_options.preserve_order = True  # shards complete in order: few partial shards held here
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and settings.model.device != "cpu"
