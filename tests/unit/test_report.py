@@ -29,7 +29,7 @@ def test_every_result_is_a_card_with_its_tags_scores_and_vocabulary():
     assert cards == [("a", "synth@1", "stream"), ("b", "synth@2", "stream"), ("c", "synth@2", "backfill")]
     assert "red</span>" in page and "0.910" in page and "circle</span>" in page and "0.740" in page
     assert "no tag above its threshold" in page  # b has none
-    assert "<tr><th>images tagged with synth@2</th><td>2</td></tr>" in page
+    assert "<tr><th>cards below with synth@2 (every section)</th><td>2</td></tr>" in page
     assert page.count('src="data:image/jpeg;base64,') == 3
     assert "<h2>stream (2 images)</h2>" in page and "<h2>backfill (1 images)</h2>" in page
 
@@ -51,3 +51,13 @@ def test_thumbnails_are_small_and_unreadable_images_get_none():
     assert decoded.size == (160, 80)
     items = report_images([result("x", "s3://b/bad.jpg", {})], {"s3://b/bad.jpg": b"not an image"}, path="stream")
     assert items[0].thumbnail is None
+
+
+def test_a_card_names_its_uri_once_and_its_source_does_not_wrap_mid_word():
+    same = render(Report("r", {}, [ReportImage(result("s3://b/k.jpg", "s3://b/k.jpg", {"red": 0.9}), None, "backfill (S3 prefix -> Ray Data -> S3)")]))
+    assert same.count("s3://b/k.jpg</div>") == 1 and same.count("s3://b/k.jpg<br>") == 0  # a backfill's id is its URI
+    other = render(Report("r", {}, [ReportImage(result("req-1", "s3://b/k.jpg", {"red": 0.9}), None)]))
+    assert "req-1<br>s3://b/k.jpg" in other
+    assert '<span class="path">backfill (S3 prefix -&gt; Ray Data -&gt; S3)</span>' in same
+    css = same.split("<style>")[1].split("</style>")[0]
+    assert ".path {" in css and "break-all" not in css.split(".path {")[1].split("}")[0]

@@ -59,6 +59,7 @@ table.summary td, table.summary th { border: 1px solid #ccc; padding: 4px 10px; 
 .card img { display: block; max-width: 160px; max-height: 160px; margin: 0 auto 6px; }
 .noimg { height: 60px; line-height: 60px; text-align: center; color: #888; font-size: 12px; }
 .id { font-size: 12px; color: #555; word-break: break-all; }
+.path { font-size: 12px; color: #555; }
 .vocab { display: inline-block; font-size: 11px; padding: 1px 6px; border-radius: 8px; color: #fff; margin: 4px 0; }
 ul.tags { list-style: none; padding: 0; margin: 4px 0 0; font-size: 13px; }
 ul.tags li { display: flex; align-items: center; gap: 6px; }
@@ -91,8 +92,8 @@ def _card(item: ReportImage, colour: str) -> str:
     listing = f'<ul class="tags">{rows}{more}</ul>' if tags else '<div class="none">no tag above its threshold</div>'
     return (
         f'<div class="card" data-id="{esc(r.id)}" data-vocab="{esc(r.vocab)}" data-path="{esc(item.path)}">{picture}'
-        f'<div class="id">{esc(r.id)}<br>{esc(r.uri)}</div>'
-        f'<span class="vocab" style="background:{colour}">{esc(r.vocab)}</span> <span class="id">{esc(item.path)}</span>'
+        f'<div class="id">{esc(r.id)}' + (f"<br>{esc(r.uri)}" if r.uri != r.id else "") + "</div>"  # a backfill's id is its URI
+        f'<span class="vocab" style="background:{colour}">{esc(r.vocab)}</span> <span class="path">{esc(item.path)}</span>'
         f"{listing}</div>"
     )
 
@@ -102,7 +103,7 @@ def render(report: Report) -> str:
     esc = html.escape
     colours = _vocab_colours(report.images)
     per_vocab = Counter(i.result.vocab for i in report.images)
-    summary = {**report.summary, **{f"images tagged with {v}": n for v, n in sorted(per_vocab.items())}}
+    summary = {**report.summary, **{f"cards below with {v} (every section)": n for v, n in sorted(per_vocab.items())}}
     rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items())
     sections = []
     for path in dict.fromkeys(i.path for i in report.images):
