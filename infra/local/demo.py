@@ -323,8 +323,11 @@ def main(
     tag_list: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_MODEL__TAG_LIST", help="Official tag list for an official checkpoint.")] = None,
     thresholds: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_MODEL__THRESHOLDS", help="Official per-tag thresholds.")] = None,
     out: Annotated[Path, typer.Option(help="Where the report and summary go.")] = ROOT / "var" / "demo",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs, Ray Data's execution plans included.")] = False,
 ) -> None:
     """Run the whole lifecycle on the local real stack and a local Ray; write a summary and an HTML report."""
+    if verbose:
+        os.environ["RAMPLUS_LOG__LEVEL"] = "DEBUG"  # read by the settings of every step and by the jobs it submits
     # Before anything starts: a wrong path should cost a second, not the five minutes before the photos' turn.
     local = [("--checkpoint", checkpoint if checkpoint and not checkpoint.startswith("s3://") else None),
              ("--tag-list", tag_list), ("--thresholds", thresholds)]
@@ -361,7 +364,7 @@ def run_demo(
         from workers.logs import configure_logging
         from workers.settings import FetchSettings, FleetSettings, KafkaSettings, ModelSettings, RedisSettings, S3Settings, Settings
 
-        configure_logging(level="WARNING")
+        configure_logging(level="DEBUG" if os.environ.get("RAMPLUS_LOG__LEVEL", "").upper() == "DEBUG" else "WARNING")
         topic = f"demo.requests.{stamp}"
         settings = Settings(
             kafka=KafkaSettings(bootstrap_servers=config.kafka_bootstrap, topic=topic, group_id=f"demo-{stamp}",

@@ -158,3 +158,15 @@ def test_a_skipped_image_is_named_once_with_its_reason(tmp_path, our_checkpoint)
     assert len(lines) == 2 and all(line.startswith("skipped ") for line in lines)
     assert lines[0].count("text.png") == 1 and "not an image" in lines[0].lower()
     assert lines[1].count("gone.jpg") == 1 and "no such file" in lines[1]
+
+
+def test_the_fast_path_with_jpegs_decoded_in_the_batch(image_dir, our_checkpoint):
+    """`--fast --decode gpu`: the fleet's path (on the CPU, torchvision's decoder), close to the exact one."""
+    args = ["tag", str(image_dir), "--checkpoint", str(our_checkpoint), "--json", "--all-scores"]
+    fast = [json.loads(line) for line in runner.invoke(app, [*args, "--fast", "--decode", "gpu"]).stdout.splitlines()]
+    exact = [json.loads(line) for line in runner.invoke(app, args).stdout.splitlines()]
+    assert [f["path"] for f in fast] == [e["path"] for e in exact] and len(fast) == 4
+    for f, e in zip(fast, exact):
+        assert max(abs(a - b) for a, b in zip(f["scores"].values(), e["scores"].values())) < 0.1
+    bad = runner.invoke(app, [*args, "--fast", "--decode", "nvjpeg"])
+    assert bad.exit_code == 2 and "decode must be auto, cpu or gpu" in bad.stderr
