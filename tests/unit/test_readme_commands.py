@@ -93,3 +93,10 @@ def test_each_script_the_readme_runs_takes_the_options_it_shows(script):
     for use in uses:
         unknown = {f for f in flags(use) if f not in done.stdout}
         assert not unknown, f"`{script} {use}`: --help does not know {sorted(unknown)}"
+
+
+def test_make_says_what_it_installs_and_starts_before_it_does():
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("setup:", "test:"):
+        recipe = makefile.split("\n" + target, 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+        assert recipe[0].strip().startswith("@echo "), (target, recipe)  # before the minutes of silence, not after
