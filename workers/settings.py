@@ -28,7 +28,10 @@ class KafkaSettings(BaseModel):
     topic: str = Field("ramplus.requests", description="Input topic of tag requests")
     group_id: str = Field("ramplus-fleet", description="Consumer group shared by all replicas")
     dead_letter_topic: str = Field("ramplus.requests.dlq", description="Where unusable requests go, with their reason")
-    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="Where a new group starts")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest",
+        description="Where a partition the group never committed starts: earliest = its first record, latest = its end when first assigned",
+    )
     session_timeout_ms: int = Field(45_000, ge=6_000, description="Group session timeout (liveness)")
     max_poll_interval_ms: int = Field(300_000, ge=10_000, description="Max time between polls before eviction")
     max_poll_records: int = Field(256, ge=1, description="Records per poll")

@@ -267,3 +267,34 @@ def test_bad_arguments_fail_fast_with_a_clear_error(stack, tiny_model_dir, s3_bu
         done = CliRunner().invoke(app, [*args, "--no-progress"])
         assert done.exit_code == 2, (args, done.output[-2000:])
         assert message in done.output, (args, done.output[-2000:])
+
+
+def test_backfills_of_other_inputs_into_one_output_keep_each_others_results(stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket):
+    """Issue 24: the output folder identifies the whole run, so a complete run deletes only what it superseded
+    itself (a rerun with other shard boundaries), never another backfill's results."""
+    for name, seed in (("set-a", 31), ("set-b", 32)):
+        for i, image in enumerate(random_images(12, seed=seed, size=(64, 48))):
+            s3_client.put_object(Bucket=s3_bucket, Key=f"{name}/{i:02d}.jpg", Body=jpeg_bytes(image))
+
+    def backfill(name: str, **options):
+        options = {"shard_size": 4, "input": f"s3://{s3_bucket}/{name}/", **options}
+        return run_backfill(backfill_settings(stack, tiny_model_dir, s3_bucket, **options), progress=False)
+
+    a, b = backfill("set-a"), backfill("set-b")
+    assert a.complete and b.complete and a.output != b.output
+    assert (a.images_tagged, b.images_tagged) == (12, 12)
+    a_results, _, a_shards = read_output(s3_client, s3_bucket, a.output)
+    assert sorted(r["uri"] for r in a_results) == [f"s3://{s3_bucket}/set-a/{i:02d}.jpg" for i in range(12)]  # intact after b
+    assert b.shards_superseded == 0
+    assert len(read_output(s3_client, s3_bucket, b.output)[0]) == 12
+
+    # Parquet is another run (a jsonl folder's shards are not "done" for it), not a skip of everything.
+    parquet = backfill("set-a", format="parquet")
+    assert parquet.output != a.output and parquet.images_tagged == 12
+
+    # The same backfill with other shard boundaries: its own old shards are superseded and removed.
+    resharded = backfill("set-a", shard_size=50)
+    assert resharded.output == a.output and resharded.images_tagged == 12 and resharded.shards_superseded == len(a_shards)
+    results, _, shards = read_output(s3_client, s3_bucket, a.output)
+    assert sorted(r["uri"] for r in results) == sorted(r["uri"] for r in a_results)  # each once, none lost
+    assert not set(shards) & set(a_shards)

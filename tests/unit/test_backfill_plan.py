@@ -13,6 +13,7 @@ from workers.backfill.plan import (
     list_objects,
     plan_shards,
     run_prefix,
+    selection_id,
     select,
     shard_of,
     split_s3_prefix,
@@ -92,12 +93,19 @@ def test_plan_rejects_a_zero_shard_size():
         plan_shards(objects(3), 0)
 
 
-def test_run_prefix_separates_models_and_vocabulary_versions():
-    a = run_prefix("results/", "tiny@64", "ab" * 32, "tags@1")
-    assert a == "results/tiny@64-abababababab/tags@1/"
-    assert run_prefix("results", "tiny@64", "ab" * 32, "tags@1") == a
-    assert run_prefix("results/", "tiny@64", "ab" * 32, "tags@2") != a
-    assert run_prefix("results/", "tiny@64", "cd" * 32, "tags@1") != a
+def test_run_prefix_separates_models_vocabulary_versions_inputs_and_formats():
+    sel = selection_id("s3://in/images/", ["*"], [], "jsonl")
+    a = run_prefix("results/", "tiny@64", "ab" * 32, "tags@1", sel)
+    assert a == f"results/tiny@64-abababababab/tags@1/in-{sel}/"
+    assert run_prefix("results", "tiny@64", "ab" * 32, "tags@1", sel) == a
+    assert run_prefix("results/", "tiny@64", "ab" * 32, "tags@2", sel) != a
+    assert run_prefix("results/", "tiny@64", "cd" * 32, "tags@1", sel) != a
+    others = {
+        selection_id("s3://other/images/", ["*"], [], "jsonl"), selection_id("s3://in/images/", ["*.jpg"], [], "jsonl"),
+        selection_id("s3://in/images/", ["*"], ["tmp/*"], "jsonl"), selection_id("s3://in/images/", ["*"], [], "parquet"),
+    }
+    assert sel not in others and len(others) == 4
+    assert selection_id("s3://in/images/", ["*"], [], "jsonl") == sel  # a rerun finds its own folder
 
 
 def test_done_shards_are_read_from_the_results_folder_only():

@@ -121,9 +121,18 @@ def plan_shards(objects: Sequence[ListedObject], shard_size: int) -> list[Shard]
     return shards
 
 
-def run_prefix(output_prefix: str, model_id: str, fingerprint: str, vocab_ref: str) -> str:
+def selection_id(input_uri: str, include: list[str], exclude: list[str], fmt: str) -> str:
+    """What a run reads and how it writes it, as 12 hex digits: two backfills that differ in any of these never
+    share an output folder, so neither can take the other's shards as done or delete them as superseded."""
+    what = json.dumps({"input": input_uri, "include": include, "exclude": exclude, "format": fmt}, sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
+def run_prefix(output_prefix: str, model_id: str, fingerprint: str, vocab_ref: str, selection: str) -> str:
+    """The run's folder: model and weights, vocabulary version, then the input selection and format
+    (`selection_id`). A rerun of the same backfill finds its own folder; any other backfill has another."""
     base = output_prefix if not output_prefix or output_prefix.endswith("/") else output_prefix + "/"
-    return f"{base}{model_id}-{fingerprint[:12]}/{vocab_ref}/"
+    return f"{base}{model_id}-{fingerprint[:12]}/{vocab_ref}/in-{selection}/"
 
 
 def shard_of(key: str, folder: str) -> str | None:

@@ -38,6 +38,7 @@ from workers.backfill.plan import (
     plan_shards,
     require_bucket,
     run_prefix,
+    selection_id,
     select,
     split_s3_prefix,
     transient_error_count,
@@ -86,7 +87,7 @@ def make_plan(settings: Settings, client: Any, model: RamPlus, fingerprint: str,
     assert b.input and b.output
     bucket, prefix = split_s3_prefix(b.input, "--input")
     out_bucket, out_prefix = split_s3_prefix(b.output, "--output")
-    run = run_prefix(out_prefix, model.config.key, fingerprint, vocab_ref)
+    run = run_prefix(out_prefix, model.config.key, fingerprint, vocab_ref, selection_id(f"s3://{bucket}/{prefix}", b.include, b.exclude, b.format))
     if out_bucket == bucket and (run.startswith(prefix) or not prefix):
         raise ValueError(f"--output {b.output} is inside --input {b.input}: results would be listed as images")
     require_bucket(client, bucket, "--input")

@@ -327,10 +327,12 @@ class KafkaSource:
         for tp in sorted(self._recovering):
             try:
                 committed = self.consumer.committed(_tp(tp), timeout_ms=LOOKUP_TIMEOUT_MS)
-                start = committed if committed is not None else (
-                    self.consumer.beginning_offsets([_tp(tp)], timeout_ms=LOOKUP_TIMEOUT_MS)[_tp(tp)]
-                )
+                start = committed if committed is not None else self._reset_offset(tp)
                 self.on_assigned(tp, start)
+                if committed is None and self.settings.auto_offset_reset == "latest":
+                    # Pinned at once: a replica that died before its first commit must not let the next owner
+                    # start at a later end and skip what was produced in between.
+                    self.consumer.commit({_tp(tp): OffsetAndMetadata(start, "", -1)})
             except Exception as exc:  # Kafka or S3 away: the partition stays paused, we try again next poll
                 log.warning("partition.recovery_failed", partition=tp[1], error=f"{type(exc).__name__}: {exc}")
                 continue
@@ -339,6 +341,12 @@ class KafkaSource:
             self._recovering.discard(tp)
             if not self._paused_all and tp not in self._undecodable:
                 self.consumer.resume(_tp(tp))
+
+    def _reset_offset(self, tp: TopicPartition) -> int:
+        """Where a partition the group never committed starts (`RAMPLUS_KAFKA__AUTO_OFFSET_RESET`): its first
+        record (earliest) or its end when assigned (latest: only what is produced from now on)."""
+        lookup = self.consumer.end_offsets if self.settings.auto_offset_reset == "latest" else self.consumer.beginning_offsets
+        return lookup([_tp(tp)], timeout_ms=LOOKUP_TIMEOUT_MS)[_tp(tp)]
 
     def _update_lag(self) -> None:
         self._last_lag = time.monotonic()
