@@ -298,3 +298,36 @@ def test_backfills_of_other_inputs_into_one_output_keep_each_others_results(stac
     results, _, shards = read_output(s3_client, s3_bucket, a.output)
     assert sorted(r["uri"] for r in results) == sorted(r["uri"] for r in a_results)  # each once, none lost
     assert not set(shards) & set(a_shards)
+
+
+def test_a_rerun_redoes_the_shards_whose_errors_were_transient(stack, ray_cluster, tiny_model_dir, s3_client, s3_bucket):
+    """--retry-transient on purpose (issue 24): a shard that reported a fetch error (S3 away for that image) is
+    done again by the next run and then reports none; a shard with only final errors is not; without the
+    option nothing is redone."""
+    from workers.backfill.report import BackfillError
+
+    for i, image in enumerate(random_images(12, seed=33, size=(64, 48))):
+        s3_client.put_object(Bucket=s3_bucket, Key=f"set-c/{i:02d}.jpg", Body=jpeg_bytes(image))
+    settings = backfill_settings(stack, tiny_model_dir, s3_bucket, shard_size=4, input=f"s3://{s3_bucket}/set-c/")
+    first = run_backfill(settings, progress=False)
+    results, errors, shards = read_output(s3_client, s3_bucket, first.output)
+    assert first.complete and len(results) == 12 and not errors and len(shards) >= 2
+    run = first.output.split("/", 3)[3]
+
+    # As the first run would have left it had S3 failed one image of a shard: the result missing, a fetch error.
+    name, key = sorted(shards.items())[0]
+    body = s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read().decode().splitlines()
+    lost = json.loads(body[0])
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=("\n".join(body[1:]) + "\n").encode())
+    fetch_error = BackfillError(uri=lost["uri"], kind="fetch", message="S3 away", size=1, etag="x").model_dump_json()
+    s3_client.put_object(Bucket=s3_bucket, Key=f"{run}errors/{name}.jsonl", Body=fetch_error.encode() + b"\n")
+
+    without = run_backfill(settings.model_copy(update={"backfill": settings.backfill.model_copy(update={"retry_transient": False})}), progress=False)
+    assert (without.shards_retried, without.images_tagged, without.images_skipped) == (0, 0, 12)
+
+    again = run_backfill(settings, progress=False)
+    assert again.shards_retried == 1 and again.images_tagged == len(body) and again.images_skipped == 12 - len(body)
+    results, errors, _ = read_output(s3_client, s3_bucket, first.output)
+    assert sorted(r["uri"] for r in results) == sorted(f"s3://{s3_bucket}/set-c/{i:02d}.jpg" for i in range(12)) and not errors
+
+    assert run_backfill(settings, progress=False).shards_retried == 0  # nothing transient left
