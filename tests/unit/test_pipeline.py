@@ -136,18 +136,24 @@ def test_a_failing_sink_is_retried_and_nothing_is_committed_past_it(images):
 def test_a_sink_that_never_recovers_leaves_offsets_uncommitted(images):
     objects = {"s3://b/0.jpg": jpeg_bytes(images[0])}
 
+    stop = threading.Event()
+
     class DeadSink(MemorySink):
+        attempts = 0
+
         def write(self, tp, results):
+            self.attempts += 1
+            if self.attempts >= 3:  # stopped on state, not on a timer: the write was tried, and tried again
+                stop.set()
             raise ConnectionError("S3 is gone")
 
-    source = LocalSource([TagRequest(id="a", uri="s3://b/0.jpg")])
+    source, sink = LocalSource([TagRequest(id="a", uri="s3://b/0.jpg")]), DeadSink()
     pipeline = StreamPipeline(
-        source, DeadSink(), MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher(objects),
+        source, sink, MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher(objects),
         worker="test", max_batch_wait_s=0.0, drain_timeout_s=0.5, retry_wait_s=0.01,
     )
-    stop = threading.Event()
-    threading.Timer(0.5, stop.set).start()
     pipeline.run(stop)
+    assert sink.attempts >= 3 and pipeline.metrics.errors.labels(stage="write")._value.get() >= 3
     assert source.committed == {}
 
 
@@ -225,8 +231,11 @@ def test_a_withdrawal_that_cannot_finish_before_the_replica_stops_commits_nothin
             self.checks += 1
             return self.checks == 1
 
+    stop = threading.Event()
+
     class UndeletableSink(MemorySink):
         def withdraw(self, handle):
+            stop.set()  # stopped once the withdrawal was tried (state, not a timer)
             raise ConnectionError("S3 is gone")
 
     source, sink = LapsedSource([TagRequest(id="a", uri="s3://b/0.jpg")]), UndeletableSink()
@@ -234,8 +243,6 @@ def test_a_withdrawal_that_cannot_finish_before_the_replica_stops_commits_nothin
         source, sink, MemoryDeadLetters(), TaggingEngine(make_tiny_model(), device="cpu"), DictFetcher(objects),
         worker="test", max_batch_wait_s=0.0, drain_timeout_s=0.5, retry_wait_s=0.01,
     )
-    stop = threading.Event()
-    threading.Timer(1.0, stop.set).start()
     pipeline.run(stop)
     assert source.committed == {}
     assert pipeline.metrics.errors.labels(stage="withdraw")._value.get() >= 1
