@@ -177,9 +177,8 @@ def test_writes_wait_while_the_source_cannot_vouch_for_ownership(images):
                               kwargs={"until_idle": lambda: source.exhausted})
     runner.start()
     try:
-        threading.Event().wait(1.0)
+        assert wait_until(lambda: pipeline.stats["batches"] >= 1, 60, interval_s=0.05)  # tagged, held at the writer
         assert sink.results == [] and source.committed == {}
-        assert pipeline.stats["batches"] >= 1  # tagged, held at the writer
     finally:
         source.owned.set()
         runner.join(30)

@@ -103,7 +103,7 @@ def test_a_published_version_is_prefetched_so_activate_loads_nothing_and_a_bad_o
     )
     watcher.start()
     try:
-        time.sleep(0.3)  # subscribed
+        assert wait_until(lambda: watcher._pubsub is not None and watcher._pubsub.subscribed, 5, interval_s=0.02)
         store.publish(vocabulary("1"))
         store.publish(vocabulary("other-name", n=3), name="elsewhere")  # not ours: not prefetched
         assert wait_until(lambda: engine.cache.peek("live@1") is not None, 5, interval_s=0.02)
@@ -111,7 +111,7 @@ def test_a_published_version_is_prefetched_so_activate_loads_nothing_and_a_bad_o
         store.activate("live", "1")
         assert wait_until(lambda: engine.vocabulary.ref == "live@1", 5, interval_s=0.02)
         assert loads == ["live@1"] and engine.cache.refs() == ["tiny-vocab@1"]  # active left the cache, previous joined
-        assert watcher.metrics.vocab_switch_seconds._sum.get() < 0.5
+        assert 0 < watcher.metrics.vocab_switch_seconds._sum.get() < 5  # recorded; bounded only as a user would notice
         announce, store._event = store._event, lambda *a: None  # corrupt it before anyone hears of it
         store.publish(vocabulary("2"))
         meta = json.loads(store.redis.get("ramplus:vocab:live:2:meta"))
