@@ -65,6 +65,6 @@ def test_the_readme_layout_names_every_package_and_only_real_ones():
     named = set(re.findall(r"^  (\w+)/ ", block, re.MULTILINE))  # the indented entries: workers' packages
     packages = {p.parent.name for p in (ROOT / "workers").glob("*/__init__.py")}
     assert named == packages
-    for top in ("cli.py", "settings.py", "schemas.py", "errors.py", "logs.py", "metrics.py"):
+    for top in ("cli.py", "cli_errors.py", "settings.py", "schemas.py", "errors.py", "logs.py", "metrics.py"):
         assert (ROOT / "workers" / top).exists() and top in block
-    assert set((ROOT / "workers").glob("*.py")) - {ROOT / "workers" / t for t in ("__init__.py", "cli.py", "settings.py", "schemas.py", "errors.py", "logs.py", "metrics.py")} == set()
+    assert set((ROOT / "workers").glob("*.py")) - {ROOT / "workers" / t for t in ("__init__.py", "cli.py", "cli_errors.py", "settings.py", "schemas.py", "errors.py", "logs.py", "metrics.py")} == set()
