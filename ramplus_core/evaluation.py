@@ -275,3 +275,12 @@ def calibrate_thresholds(
         t = torch.minimum(torch.maximum(t, low), torch.nextafter(high, torch.full_like(high, -inf)))
         out[cols] = torch.where(npos[:, 0] > 0, t[:, 0], out[cols])
     return out
+
+
+def group_average_precision(tag_ap: dict[str, float | None], groups: dict[str, list[str]]) -> dict[str, float | None]:
+    """Mean AP per group of tags (e.g. colour, shape, background), over the group's tags that have an AP."""
+    out: dict[str, float | None] = {}
+    for name, tags in groups.items():
+        values = [tag_ap[t] for t in tags if tag_ap.get(t) is not None]
+        out[name] = sum(values) / len(values) if values else None  # type: ignore[arg-type]
+    return out

@@ -41,6 +41,11 @@ class SwinImageEncoder(nn.Module):
             if isinstance(module, WindowAttention):
                 module.fused_attn = enabled
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each Swin stage's activations in the backward pass instead of keeping them (training:
+        less memory, so larger batches, for about a third more compute)."""
+        self.swin.set_grad_checkpointing(enabled)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.swin.forward_features(images).flatten(1, 2)  # NHWC -> [B, HW, C], row-major
         return torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)

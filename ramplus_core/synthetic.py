@@ -1,9 +1,18 @@
 """A synthetic image-tag-text dataset: coloured shapes on textured backgrounds, with tags and captions.
 
-Made for tests and demos that train a tiny RAM++ from scratch: every tag is visible at 64 x 64 pixels (an
-object spans 20-50% of the side, colours are far apart, backgrounds are neutral so they never look like an
-object colour), and every image comes with the three things RAM++ trains on: tags, captions, and tag
-descriptions for the open-set text side.
+Made for tests and demos that train a tiny RAM++ from scratch: every tag is visible at 64 x 64 pixels
+(colours are far apart, backgrounds are neutral so they never look like an object colour), and every image
+comes with the three things RAM++ trains on: tags, captions, and tag descriptions for the open-set text side.
+
+Two generators, chosen by ``version`` (a dataset records the one that drew it):
+
+- v2 (the default): one or two objects that never touch, 30-70% of the side, and three shapes that differ
+  in their local structure (a filled ``circle``, a hollow ``ring``, a long ``bar``). A tiny Swin trained
+  from scratch on 2 CPU cores learns all three groups in minutes (held-out shape AP ~0.87 after 25 epochs of
+  3,200 scenes, see bench/RESULTS.md).
+- v1: one to four objects that may overlap by a quarter, 20-50% of the side, five rotated shapes (circle,
+  square, triangle, star, cross). Still drawn bit-identically for old seeds; its shapes stay near chance
+  for a tiny Swin in a 15-minute CPU budget, which is why v2 exists.
 
 Tags of an image are the colours and shapes of its objects plus its background; the first caption names
 every one of them. Scene ``i`` of ``generate(n, seed)`` depends only on ``(seed, i)``, so any shard can be
@@ -19,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +37,11 @@ from PIL import Image, ImageDraw
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
+    "GENERATORS",
     "GENERATOR_VERSION",
+    "GeneratorSpec",
     "SHAPES",
+    "SHAPES_V1",
     "TAGS",
     "TAG_GROUPS",
     "Scene",
@@ -38,10 +50,11 @@ __all__ = [
     "draw_scene",
     "generate",
     "scene_seed",
+    "tag_groups",
 ]
 
 # Bump when a change alters the pixels, tags or captions a seed produces (written into dataset metadata).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # --------------------------------------------------------------------------------------------------------------
 # The tag vocabulary, as data
@@ -57,7 +70,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 80, 225),
     "purple": (150, 55, 195),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+SHAPES_V1: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+# v2: shapes a patch-based encoder tells apart from local structure (filled, hollow, elongated).
+SHAPES: tuple[str, ...] = ("circle", "ring", "bar")
 # Neutral (or, for sand, desaturated) base colours with their own texture; none is near an object colour.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white background": (236, 236, 236),
@@ -66,11 +81,41 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "sand background": (212, 190, 145),
 }
 
-TAG_GROUPS: dict[str, list[str]] = {
-    "colour": list(COLOURS),
-    "shape": list(SHAPES),
-    "background": list(BACKGROUNDS),
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What one generator version draws, as data."""
+
+    version: int
+    shapes: tuple[str, ...]
+    min_objects: int  # every count from min to max is equally likely
+    max_objects: int
+    diameter: dict[int, tuple[float, float]]  # circumscribed diameter as a fraction of the side, by object count
+    rotate: bool  # random rotation of non-circular shapes
+    min_visible: float  # every object keeps this fraction of its pixels uncovered (1.0: objects never touch)
+
+
+GENERATORS: dict[int, GeneratorSpec] = {
+    1: GeneratorSpec(1, SHAPES_V1, 1, 4, {1: (0.30, 0.50), 2: (0.26, 0.46), 3: (0.24, 0.42), 4: (0.24, 0.38)},
+                     rotate=True, min_visible=0.75),
+    2: GeneratorSpec(2, SHAPES, 1, 2, {1: (0.45, 0.70), 2: (0.34, 0.52)}, rotate=False, min_visible=1.0),
 }
+
+
+def spec(version: int) -> GeneratorSpec:
+    try:
+        return GENERATORS[version]
+    except KeyError:
+        raise ValueError(f"unknown generator version {version}; known: {', '.join(map(str, GENERATORS))}") from None
+
+
+def tag_groups(version: int = GENERATOR_VERSION) -> dict[str, list[str]]:
+    """The tags of a generator version by group: colour, shape, background."""
+    return {"colour": list(COLOURS), "shape": list(spec(version).shapes), "background": list(BACKGROUNDS)}
+
+
+TAG_GROUPS: dict[str, list[str]] = tag_groups()
 TAGS: list[str] = [tag for group in TAG_GROUPS.values() for tag in group]
 
 _HINTS: dict[str, str] = {
@@ -85,6 +130,8 @@ _HINTS: dict[str, str] = {
     "triangle": "a shape with three straight sides and three sharp corners",
     "star": "a five-pointed star with sharp spikes around a centre",
     "cross": "a plus sign made of two bars crossing at right angles",
+    "ring": "a hollow circle, a thick round band around an empty middle",
+    "bar": "a long, narrow horizontal strip with square ends",
     "white background": "a bright, almost white surface with faint soft shading",
     "black background": "a dark, nearly black surface with faint grain",
     "gray background": "a mid-gray, concrete-like surface with a rough texture",
@@ -92,10 +139,11 @@ _HINTS: dict[str, str] = {
 }
 
 
-def describe_tags() -> dict[str, list[str]]:
+def describe_tags(version: int = GENERATOR_VERSION) -> dict[str, list[str]]:
     """Five short visual descriptions per tag, in the spirit of RAM++'s LLM-written tag descriptions."""
+    groups = tag_groups(version)
     out: dict[str, list[str]] = {}
-    for colour in TAG_GROUPS["colour"]:
+    for colour in groups["colour"]:
         out[colour] = [
             f"{_article(colour)} {colour} object.",
             f"something coloured bright {colour}.",
@@ -103,7 +151,7 @@ def describe_tags() -> dict[str, list[str]]:
             f"{_HINTS[colour]}.",
             f"a {colour} patch that stands out from the background.",
         ]
-    for shape in TAG_GROUPS["shape"]:
+    for shape in groups["shape"]:
         out[shape] = [
             f"a {shape}.",
             f"a flat {shape} shape.",
@@ -111,7 +159,7 @@ def describe_tags() -> dict[str, list[str]]:
             f"a simple geometric {shape} silhouette.",
             f"a {shape} drawn in one solid colour.",
         ]
-    for background in TAG_GROUPS["background"]:
+    for background in groups["background"]:
         word = background.removesuffix(" background")
         out[background] = [
             f"a plain {word} background.",
@@ -156,10 +204,10 @@ class Scene:
 # --------------------------------------------------------------------------------------------------------------
 
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges, deterministic
-_MIN_VISIBLE = 0.75  # every object keeps at least this fraction of its pixels uncovered
 _COLOUR_JITTER = 10  # per channel, per object
 _PIXEL_NOISE = 3.0  # standard deviation, whole image
-_DIAMETER = {1: (0.30, 0.50), 2: (0.26, 0.46), 3: (0.24, 0.42), 4: (0.24, 0.38)}  # of the side, by object count
+_RING_HOLE = 0.55  # inner radius of a ring, as a fraction of its outer radius
+_BAR_HALF_WIDTH = 0.25  # of a bar's half-length
 
 
 def scene_seed(seed: int, index: int) -> int:
@@ -208,7 +256,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
         points = [(float(np.hypot(x, y)), float(np.degrees(np.arctan2(y, x)))) for x, y in corners]
     else:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(dict.fromkeys(SHAPES_V1 + SHAPES))}")
     return [
         (cx + rho * np.cos(np.radians(phi + angle)), cy + rho * np.sin(np.radians(phi + angle))) for rho, phi in points
     ]
@@ -219,9 +267,15 @@ def _coverage(shape: str, cx: float, cy: float, r: float, angle: float, size: in
     s = _SUPERSAMPLE
     canvas = Image.new("L", (size * s, size * s), 0)
     draw = ImageDraw.Draw(canvas)
-    if shape == "circle":
+    if shape in ("circle", "ring"):
         rc = 0.9 * r  # a disc of the full circumradius looks bigger than the polygons
         draw.ellipse([(cx - rc) * s, (cy - rc) * s, (cx + rc) * s, (cy + rc) * s], fill=255)
+        if shape == "ring":
+            ri = _RING_HOLE * rc
+            draw.ellipse([(cx - ri) * s, (cy - ri) * s, (cx + ri) * s, (cy + ri) * s], fill=0)
+    elif shape == "bar":  # horizontal: v2 draws upright shapes
+        w = _BAR_HALF_WIDTH * r
+        draw.rectangle([(cx - r) * s, (cy - w) * s, (cx + r) * s, (cy + w) * s], fill=255)
     else:
         draw.polygon([(x * s, y * s) for x, y in _polygon(shape, cx, cy, r, angle)], fill=255)
     small = canvas.resize((size, size), Image.Resampling.BOX)
@@ -239,24 +293,30 @@ class _Placed:
     cover: np.ndarray  # anti-aliased coverage, H x W in [0, 1]
 
 
-def _place(rng: random.Random, count: int, size: int) -> list[tuple[_Placed, float]]:
-    """Objects one by one, each at a random spot that leaves every earlier one mostly visible.
+def _place(
+    rng: random.Random, count: int, size: int, gen: GeneratorSpec, colours: list[str]
+) -> list[tuple[_Placed, float]]:
+    """Objects one by one, each at a random spot that leaves every earlier one visible enough.
 
     Returns each object with the fraction of its pixels still visible once all are drawn.
     """
-    lo, hi = _DIAMETER[count]
+    lo, hi = gen.diameter[count]
     placed: list[_Placed] = []
     visible: list[np.ndarray] = []
     for _ in range(count):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        colour, shape = rng.choice(colours), rng.choice(gen.shapes)
         for attempt in range(200):
-            shrink = 1.0 - 0.15 * min(attempt / 100, 1.0)  # a crowded scene falls back to smaller objects (>= 20%)
+            shrink = 1.0 - 0.15 * min(attempt / 100, 1.0)  # a crowded scene falls back to smaller objects
             r = rng.uniform(lo, hi) * shrink * size / 2
             cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-            angle = rng.uniform(0.0, 360.0) if shape != "circle" else 0.0
+            angle = rng.uniform(0.0, 360.0) if gen.rotate and shape != "circle" else 0.0
             cover = _coverage(shape, cx, cy, r, angle, size)
             mask = cover > 0.5
-            if all((v & ~mask).sum() >= _MIN_VISIBLE * (p.cover > 0.5).sum() for v, p in zip(visible, placed)):
+            if gen.min_visible >= 1.0:  # apart: not even the anti-aliased edges touch
+                if not any(((cover > 0.0) & (p.cover > 0.0)).any() for p in placed):
+                    break
+                continue
+            if all((v & ~mask).sum() >= gen.min_visible * (p.cover > 0.5).sum() for v, p in zip(visible, placed)):
                 break
         else:  # practically unreachable; keep the scene valid by drawing fewer objects
             break
@@ -293,16 +353,26 @@ def _captions(rng: random.Random, objects: tuple[SceneObject, ...], background: 
     ]
 
 
-def draw_scene(rng: random.Random | int, size: int = 128) -> Scene:
-    """One scene: a textured background and 1-4 objects (each count equally likely); deterministic by seed."""
+def draw_scene(
+    rng: random.Random | int, size: int = 128, *, version: int = GENERATOR_VERSION, colours: Sequence[str] | None = None
+) -> Scene:
+    """One scene: a textured background and objects of the generator ``version``; deterministic by seed.
+
+    ``colours`` restricts the object colours to a subset (e.g. to hold some back for a fine-tuning test).
+    """
+    gen = spec(version)
     if size < 32:
         raise ValueError(f"size {size} is too small to draw recognisable shapes; use 32 or more")
+    palette = list(COLOURS) if colours is None else list(colours)
+    unknown = [c for c in palette if c not in COLOURS]
+    if unknown or not palette:
+        raise ValueError(f"colours must be a non-empty subset of {', '.join(COLOURS)} (got {palette})")
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     nrng = np.random.default_rng(rng.getrandbits(64))
     background = rng.choice(list(BACKGROUNDS))
     pixels = _background(background, size, nrng)
     objects: list[SceneObject] = []
-    for p, visible in _place(rng, rng.randint(1, 4), size):
+    for p, visible in _place(rng, rng.randint(gen.min_objects, gen.max_objects), size, gen, palette):
         rgb = np.array(COLOURS[p.colour], np.float32) + [rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER) for _ in range(3)]
         alpha = p.cover[..., None]
         pixels = pixels * (1.0 - alpha) + rgb[None, None, :] * alpha
@@ -319,7 +389,11 @@ def draw_scene(rng: random.Random | int, size: int = 128) -> Scene:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def generate(n: int, seed: int = 0, size: int = 128, start: int = 0) -> Iterator[Scene]:
+def generate(
+    n: int, seed: int = 0, size: int = 128, start: int = 0, *, version: int = GENERATOR_VERSION,
+    colours: Sequence[str] | None = None,
+) -> Iterator[Scene]:
     """Scenes ``start`` .. ``start + n - 1`` of the dataset ``seed``; scene i depends only on (seed, i)."""
+    spec(version)  # an unknown version fails here, not at the first scene
     for index in range(start, start + n):
-        yield draw_scene(scene_seed(seed, index), size)
+        yield draw_scene(scene_seed(seed, index), size, version=version, colours=colours)

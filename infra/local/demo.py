@@ -127,8 +127,11 @@ def train_or_reuse(
     if exists(client, f"models/{run_name}/v1/"):
         say(f"   reusing {artifact} (trained by an earlier run with the same recipe; delete it to retrain)")
         return artifact, artifact_metrics(artifact, settings), False
-    data = f"s3://{BUCKET}/synth-{recipe.images}/"
-    if not exists(client, f"synth-{recipe.images}/manifest.jsonl"):
+    from ramplus_core.synthetic import GENERATOR_VERSION
+
+    dataset = f"synth-v{GENERATOR_VERSION}-{recipe.images}"  # a dataset of another generator is another dataset
+    data = f"s3://{BUCKET}/{dataset}/"
+    if not exists(client, f"{dataset}/manifest.jsonl"):
         summary = write_dataset(data, n=recipe.images, seed=0, size=96, s3=settings.s3, progress=False)
         say(f"   dataset: {summary.train} train + {summary.val} held-out scenes in {summary.seconds:.0f} s ({data})")
     vocab_file = train_vocabulary().save(work / "train-vocab.safetensors")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 @dataclass
@@ -53,6 +53,7 @@ class ModelSummary(BaseModel):
     trained_now: bool  # False: an artifact of the same recipe was reused
     held_out_map: float | None
     label_prior_map: float | None
+    held_out_ap_by_group: dict[str, float | None] = Field(default_factory=dict, description="colour, shape, background")
 
 
 class StreamSummary(BaseModel):
@@ -78,7 +79,7 @@ class OfficialPhotos(BaseModel):
 class DemoSummary(BaseModel):
     """var/demo/summary.json: numbers a script can check; the printed table is rendered from it."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2  # 2: model.held_out_ap_by_group
     run: str
     model: ModelSummary
     stream: StreamSummary
@@ -89,12 +90,17 @@ class DemoSummary(BaseModel):
 
     @classmethod
     def of(cls, ctx: DemoResult, timings: Timings, total: float) -> DemoSummary:
+        from ramplus_core.evaluation import group_average_precision
+        from ramplus_core.synthetic import TAG_GROUPS
+
         final = ctx.metrics.get("final", {})
+        by_group = group_average_precision(final.get("val_tag_ap") or {}, TAG_GROUPS) if final.get("val_tag_ap") else {}
         ids = Counter(r["id"] for r in ctx.results)
         return cls(
             run=ctx.stamp,
             model=ModelSummary(artifact=ctx.artifact, trained_now=ctx.trained, held_out_map=final.get("val_map"),
-                               label_prior_map=final.get("prior_map")),
+                               label_prior_map=final.get("prior_map"),
+                               held_out_ap_by_group={g: None if v is None else round(v, 4) for g, v in by_group.items()}),
             stream=StreamSummary(
                 requests=ctx.requests, distinct_results=len(ids), duplicates=sum(n - 1 for n in ids.values()),
                 dead_letters_by_kind=dict(sorted(Counter(d["error"]["kind"] for d in ctx.dead_letters).items())),
@@ -122,6 +128,7 @@ class DemoSummary(BaseModel):
             ("run", self.run),
             ("model", f"{m.artifact} ({'trained now' if m.trained_now else 'reused'})"),
             ("held-out mAP", f"{score(m.held_out_map)} (label prior: {score(m.label_prior_map)})"),
+            ("held-out AP by group", ", ".join(f"{g} {score(v)}" for g, v in m.held_out_ap_by_group.items()) or "n/a"),
             ("stream", f"{st.requests} requests -> {st.distinct_results} results, {st.duplicates} duplicates"),
             ("dead letters", counts(st.dead_letters_by_kind)),
             ("results per vocabulary", counts(st.results_per_vocabulary)),

@@ -10,7 +10,9 @@ from infra.local.demo_report import DemoResult, DemoSummary, Timings, what_next
 
 def result(**changes) -> DemoResult:
     fields = dict(
-        stamp="20261205-120000", artifact="s3://ramplus/models/demo/v1", metrics={"final": {"val_map": 0.7412, "prior_map": 0.3401}},
+        stamp="20261205-120000", artifact="s3://ramplus/models/demo/v1", metrics={"final": {
+            "val_map": 0.7412, "prior_map": 0.3401,
+            "val_tag_ap": {"red": 1.0, "blue": 0.9, "circle": 0.8, "ring": None, "bar": 0.6, "white background": 1.0}}},
         trained=True, results=[{"id": "a", "vocab": "demo@1"}, {"id": "b", "vocab": "demo@2"}, {"id": "b", "vocab": "demo@2"}],
         backfilled=[], official=[], checkpoint=None, dead_letters=[{"error": {"kind": "not_found"}}, {"error": {"kind": "forbidden"}}],
         switched=True, backfill={"images_tagged": 125, "errors": {"decode": 2, "fetch": 1}, "images_skipped": 0}, requests=5,
@@ -21,8 +23,9 @@ def result(**changes) -> DemoResult:
 def test_the_summary_holds_numbers_a_script_can_check():
     timings = Timings({"stack": 8.04, "stream": 24.46})
     data = json.loads(DemoSummary.of(result(), timings, 32.5).model_dump_json())
-    assert data["schema_version"] == 1
-    assert data["model"] == {"artifact": "s3://ramplus/models/demo/v1", "trained_now": True, "held_out_map": 0.7412, "label_prior_map": 0.3401}
+    assert data["schema_version"] == 2
+    assert data["model"] == {"artifact": "s3://ramplus/models/demo/v1", "trained_now": True, "held_out_map": 0.7412, "label_prior_map": 0.3401,
+                             "held_out_ap_by_group": {"colour": 0.95, "shape": 0.7, "background": 1.0}}  # over tags with an AP
     assert data["stream"] == {"requests": 5, "distinct_results": 2, "duplicates": 1, "dead_letters_by_kind": {"forbidden": 1, "not_found": 1},
                               "results_per_vocabulary": {"demo@1": 1, "demo@2": 2}, "every_replica_on_demo_2": True}
     assert data["backfill"] == {"tagged": 125, "errors": 3, "skipped": 0}
@@ -34,6 +37,7 @@ def test_the_summary_holds_numbers_a_script_can_check():
 def test_the_table_labels_each_count():
     rows = dict(DemoSummary.of(result(checkpoint="ram_plus.pth", official=[{}] * 5), Timings({}), 1.0).rows())
     assert rows["held-out mAP"] == "0.741 (label prior: 0.340)"
+    assert rows["held-out AP by group"] == "colour 0.950, shape 0.700, background 1.000"
     assert rows["stream"] == "5 requests -> 2 results, 1 duplicates"
     assert rows["backfill"] == "125 tagged, 3 errors, 0 skipped (done before)"
     assert rows["photos tagged with --checkpoint"] == "5 (ram_plus.pth)"

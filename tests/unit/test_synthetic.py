@@ -12,7 +12,20 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ramplus_core.descriptions import load_descriptions
-from ramplus_core.synthetic import BACKGROUNDS, COLOURS, SHAPES, TAG_GROUPS, TAGS, describe_tags, draw_scene, generate, scene_seed
+from ramplus_core.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    GENERATOR_VERSION,
+    SHAPES,
+    SHAPES_V1,
+    TAG_GROUPS,
+    TAGS,
+    describe_tags,
+    draw_scene,
+    generate,
+    scene_seed,
+    tag_groups,
+)
 from workers.cli import app
 from workers.train.manifest import ManifestError, ManifestRecord, read_manifest, resolve_uri, write_manifest
 from workers.train.synth_data import DatasetError, split_of, write_dataset
@@ -23,6 +36,11 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def scenes():
     return list(generate(160, seed=0))
+
+
+@pytest.fixture(scope="module")
+def scenes_v1():
+    return list(generate(80, seed=0, version=1))
 
 
 def nearest(pixels: np.ndarray, palette: dict[str, tuple[int, int, int]], within: float) -> Counter[str]:
@@ -44,9 +62,15 @@ def at_64_after_jpeg(image: Image.Image) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ vocabulary
 
 
-def test_the_vocabulary_is_fifteen_tags_in_three_groups():
+def test_the_vocabulary_is_thirteen_tags_in_three_groups_and_v1_keeps_its_fifteen():
+    assert GENERATOR_VERSION == 2 and SHAPES == ("circle", "ring", "bar")
     assert TAG_GROUPS == {"colour": list(COLOURS), "shape": list(SHAPES), "background": list(BACKGROUNDS)}
-    assert TAGS == [t for g in TAG_GROUPS.values() for t in g] and len(set(TAGS)) == len(TAGS) == 15
+    assert TAGS == [t for g in TAG_GROUPS.values() for t in g] and len(set(TAGS)) == len(TAGS) == 13
+    v1 = tag_groups(1)
+    assert v1["shape"] == list(SHAPES_V1) and sum(map(len, v1.values())) == 15
+    assert list(describe_tags(1)) == [t for g in v1.values() for t in g]
+    with pytest.raises(ValueError, match="unknown generator version 3"):
+        next(generate(1, version=3))
 
 
 def test_object_colours_are_far_from_each_other_and_from_every_background():
@@ -95,9 +119,33 @@ def test_a_written_dataset_is_byte_identical_on_a_rerun(tmp_path):
 # ------------------------------------------------------------------------------- content matches tags
 
 
-def test_every_object_count_from_one_to_four_occurs(scenes):
+def test_v2_draws_one_or_two_objects_v1_one_to_four(scenes, scenes_v1):
     counts = Counter(len(s.objects) for s in scenes)
-    assert set(counts) == {1, 2, 3, 4} and min(counts.values()) >= len(scenes) // 8
+    assert set(counts) == {1, 2} and min(counts.values()) >= len(scenes) // 3
+    counts = Counter(len(s.objects) for s in scenes_v1)
+    assert set(counts) == {1, 2, 3, 4} and min(counts.values()) >= len(scenes_v1) // 8
+    assert {o.shape for s in scenes for o in s.objects} == set(SHAPES)
+    assert {o.shape for s in scenes_v1 for o in s.objects} == set(SHAPES_V1)
+
+
+def test_v1_scenes_are_still_the_ones_old_seeds_drew():
+    """Datasets written by generator v1 can be redrawn: the same objects, sizes, tags and captions."""
+    first = list(generate(3, seed=5, version=1))
+    assert [s.captions[0] for s in first] == [
+        "a yellow star and an orange cross on a white background",
+        "a yellow triangle, a yellow square and a purple cross on a white background",
+        "a purple triangle, a yellow star, an orange square and a green triangle on a black background",
+    ]
+    assert [round(o.radius, 3) for o in first[2].objects] == [18.936, 21.456, 21.838, 15.954]
+    assert all(o.angle != 0 for s in first for o in s.objects if o.shape != "circle")
+
+
+def test_colours_can_be_held_back():
+    drawn = list(generate(60, seed=2, colours=["red", "blue"]))
+    assert {o.colour for s in drawn for o in s.objects} == {"red", "blue"}
+    assert all(not set(s.tags) & (set(COLOURS) - {"red", "blue"}) for s in drawn)
+    with pytest.raises(ValueError, match="subset"):
+        draw_scene(1, colours=["red", "teal"])
 
 
 def test_tags_are_the_colours_and_shapes_of_the_objects_plus_the_background(scenes):
@@ -106,11 +154,34 @@ def test_tags_are_the_colours_and_shapes_of_the_objects_plus_the_background(scen
         assert set(s.tags) <= set(TAGS) and sum(t in BACKGROUNDS for t in s.tags) == 1
 
 
-def test_objects_are_large_enough_for_64_pixels_and_mostly_visible(scenes):
+def test_objects_are_large_upright_and_apart_in_v2(scenes):
     for s in scenes:
+        for o in s.objects:
+            assert 0.28 <= 2 * o.radius / s.image.width <= 0.70 and o.angle == 0
+            assert o.visible == 1.0
+        if len(s.objects) == 2:  # the circumscribed circles may overlap (a bar is thin), the pixels may not
+            a, b = s.objects
+            assert np.hypot(a.center[0] - b.center[0], a.center[1] - b.center[1]) > 0.25 * (a.radius + b.radius)
+
+
+def test_objects_are_large_enough_for_64_pixels_and_mostly_visible_in_v1(scenes_v1):
+    for s in scenes_v1:
         for o in s.objects:
             assert 0.2 <= 2 * o.radius / s.image.width <= 0.5
             assert o.visible >= 0.75
+
+
+def test_a_ring_is_hollow_and_a_bar_is_long():
+    ring = next(s for s in generate(200, seed=3) if [o.shape for o in s.objects] == ["ring"])
+    bar = next(s for s in generate(200, seed=3) if [o.shape for o in s.objects] == ["bar"])
+    (o,) = ring.objects
+    cx, cy = map(int, o.center)
+    centre = np.asarray(ring.image)[cy, cx].astype(np.float32)
+    assert np.linalg.norm(centre - np.array(COLOURS[o.colour])) > 90  # the middle shows the background
+    (o,) = bar.objects
+    mask = np.linalg.norm(np.asarray(bar.image).astype(np.float32) - np.array(COLOURS[o.colour]), axis=-1) < 40
+    ys, xs = np.nonzero(mask)
+    assert (xs.max() - xs.min()) > 3 * (ys.max() - ys.min())
 
 
 def test_a_lone_object_colour_dominates_the_image_at_64_pixels_after_jpeg(scenes):
@@ -256,3 +327,19 @@ def test_data_synth_errors_are_one_line_and_exit_2(tmp_path):
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "file"), "--n", "2"])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_data_synth_draws_with_an_older_generator_or_fewer_colours(tmp_path):
+    out = tmp_path / "v1"
+    result = runner.invoke(app, ["data", "synth", str(out), "--n", "6", "--size", "64", "--generator", "1", "--colours", "red, blue"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "tags.json").read_text())
+    assert meta["generator"]["version"] == 1 and meta["generator"]["colours"] == ["red", "blue"]
+    assert meta["groups"] == {**tag_groups(1), "colour": ["red", "blue"]}
+    assert [next(iter(item)) for item in load_descriptions(out / "descriptions.json")] == meta["tags"]
+    for record, scene in zip(read_manifest(out / "manifest.jsonl"), generate(6, size=64, version=1, colours=["red", "blue"])):
+        assert record.tags == scene.tags and set(record.tags) <= set(meta["tags"])
+    for args, says in ((["--generator", "7"], "unknown generator version 7"), (["--colours", "teal"], "subset")):
+        bad = runner.invoke(app, ["data", "synth", str(tmp_path / "bad"), "--n", "2", *args])
+        assert bad.exit_code == 2 and says in bad.stderr, bad.output
+        assert not (tmp_path / "bad" / "manifest.jsonl").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from ramplus_core.training import (
     build_optimizer,
     caption_targets,
     tag_targets,
+    WarmupCosine,
     warmup_cosine,
 )
 
@@ -67,12 +70,44 @@ def test_description_embeddings_made_under_inference_mode_can_train_and_follow_t
     assert step.vocab_tensors().embeddings.dtype == torch.float64
 
 
+def _groups(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    return {g["name"]: g for g in optimizer.param_groups}
+
+
 def test_no_weight_decay_on_biases_norms_and_the_reweighting_scale():
     model = make_tiny_model()
-    decay, no_decay = build_optimizer(model, lr=1e-3, weight_decay=0.1).param_groups
+    groups = _groups(build_optimizer(model, lr=1e-3, weight_decay=0.1))
     names = {id(p): n for n, p in model.named_parameters()}
-    assert "reweight_scale" in {names[id(p)] for p in no_decay["params"]}
-    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
+    assert "reweight_scale" in {names[id(p)] for p in groups["head.no_decay"]["params"]}
+    for name in ("head.decay", "encoder.decay"):
+        assert all(p.ndim >= 2 for p in groups[name]["params"]) and groups[name]["weight_decay"] == 0.1
+    assert groups["head.no_decay"]["weight_decay"] == groups["encoder.no_decay"]["weight_decay"] == 0
+    every = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+
+
+def test_the_encoder_can_learn_slower_than_the_head_or_not_at_all():
+    model = make_tiny_model()
+    encoder = {id(p) for p in model.image_encoder.parameters()}
+    groups = _groups(build_optimizer(model, lr=1e-3, encoder_lr_scale=0.1))
+    assert {id(p) for g in ("encoder.decay", "encoder.no_decay") for p in groups[g]["params"]} == encoder
+    assert groups["encoder.decay"]["lr"] == pytest.approx(1e-4) and groups["head.decay"]["lr"] == pytest.approx(1e-3)
+    sched = warmup_cosine(build_optimizer(model, lr=1e-3, encoder_lr_scale=0.1), warmup_steps=2, total_steps=10)
+    assert sched.get_last_lr()[0] / sched.get_last_lr()[2] == pytest.approx(10)  # the schedule keeps the ratio
+
+    frozen = make_tiny_model()
+    before = {n: p.detach().clone() for n, p in frozen.image_encoder.named_parameters()}
+    opt = build_optimizer(frozen, lr=1e-2, freeze_encoder=True)
+    assert set(_groups(opt)) == {"head.decay", "head.no_decay"}
+    step = RamPlusTraining(frozen, frozen.vocabulary)
+    for _ in range(3):
+        opt.zero_grad()
+        step(torch.randn(2, 3, 64, 64), torch.ones(2, len(frozen.vocabulary.tags)))["loss"].backward()
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in frozen.image_encoder.named_parameters())
+    assert not torch.equal(frozen.fc.weight, make_tiny_model().fc.weight)
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        build_optimizer(model, lr=1e-3, encoder_lr_scale=0)
 
 
 def test_warmup_then_cosine():
@@ -86,3 +121,40 @@ def test_warmup_then_cosine():
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+
+
+def test_with_a_time_budget_the_cosine_ends_when_the_time_does():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=2, total_steps=1000, min_ratio=0.1, budget_s=60.0)
+    lrs = []
+    for second in range(0, 61, 10):  # 7 steps, far fewer than total_steps: time runs out first
+        sched.step(float(second))
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1.0)  # the end of the warmup
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[3] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # 30 of 60 s: half way
+    assert lrs[-1] == pytest.approx(0.1)
+    # without seconds (or with a budget far away) the steps drive it, as before
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    steps_only = warmup_cosine(opt2, warmup_steps=2, total_steps=12, min_ratio=0.1, budget_s=1e9)
+    for _ in range(12):
+        steps_only.step(1.0)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_the_schedule_resumes_where_it_stopped_also_from_an_older_checkpoint():
+    def fresh() -> tuple[torch.optim.Optimizer, WarmupCosine]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, warmup_cosine(opt, warmup_steps=2, total_steps=100, budget_s=100.0)
+
+    opt, sched = fresh()
+    for s in range(1, 31):
+        sched.step(float(s))
+    opt2, sched2 = fresh()
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) and sched2.progress() == pytest.approx(0.3)
+    sched2.step(5.0)  # a resumed attempt's clock restarts low: seconds never go back
+    assert sched2.seconds == 30.0
+    opt3, sched3 = fresh()
+    sched3.load_state_dict({"last_epoch": 40, "base_lrs": [1.0], "_step_count": 41})  # what LambdaLR saved
+    assert sched3.steps == 40 and sched3.progress() == pytest.approx(38 / 98)

@@ -22,6 +22,8 @@ def synth(
     seed: Annotated[int, typer.Option(help="Dataset seed; image i depends only on (seed, i).")] = 0,
     size: Annotated[int, typer.Option(min=32, max=2048, help="Image side in pixels.")] = 128,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of images in the val split.")] = 0.2,
+    generator: Annotated[int, typer.Option(help="Generator version: 2 (1-2 objects, circle/ring/bar) or 1 (1-4 objects, 5 rotated shapes).")] = 2,
+    colours: Annotated[Optional[str], typer.Option(help="Comma-separated object colours to draw from (default: all).")] = None,
     config: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_CONFIG", help="TOML or JSON settings file (for S3).")] = None,
     create_bucket: Annotated[bool, typer.Option(help="Create the S3 bucket if it does not exist.")] = False,
 ) -> None:
@@ -49,7 +51,10 @@ def synth(
             from workers.io.s3 import ensure_bucket, s3_client
 
             ensure_bucket(s3_client(s3), out[len("s3://"):].split("/", 1)[0])
-        summary = write_dataset(out, n=n, seed=seed, size=size, val_fraction=val_fraction, s3=s3)
+        summary = write_dataset(
+            out, n=n, seed=seed, size=size, val_fraction=val_fraction, s3=s3, version=generator,
+            colours=[c.strip() for c in colours.split(",") if c.strip()] if colours is not None else None,
+        )
     except (RamPlusError, ValueError, OSError) as exc:
         _fail(str(exc))
     except (BotoCoreError, ClientError) as exc:

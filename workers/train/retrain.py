@@ -30,9 +30,19 @@ import structlog
 import torch
 
 from ramplus_core import RamPlus, Vocabulary, load_checkpoint, save_pretrained
-from ramplus_core.evaluation import calibrate_thresholds, label_prior_map, mean_average_precision, precision_recall_f1
+from ramplus_core.evaluation import average_precision, calibrate_thresholds, label_prior_map, mean_average_precision, precision_recall_f1
 from ramplus_core.tagger import create_model
-from ramplus_core.training import LossWeights, RamPlusTraining, build_optimizer, caption_targets, tag_targets, warmup_cosine
+from ramplus_core.training import (
+    LossWeights,
+    RamPlusTraining,
+    StepOptions,
+    build_optimizer,
+    caption_targets,
+    fused_for,
+    prepare_step,
+    tag_targets,
+    warmup_cosine,
+)
 from workers.train.artifacts import publish_artifact, resolve_checkpoint
 from workers.train.data import Examples, fetchable_uri, load_examples, shard_records, split_records
 from workers.train.manifest import read_manifest
@@ -78,6 +88,13 @@ def text_encoder(train: TrainSettings, device: torch.device):  # noqa: ANN201
 
     weights = None if train.text_weights in (None, "none") else train.text_weights
     return TextEncoder(train.text_encoder, weights, device=device, seed=train.text_seed)
+
+
+def step_options(train: TrainSettings) -> StepOptions:
+    return StepOptions(
+        channels_last=train.channels_last, grad_checkpointing=train.grad_checkpointing, compile=train.compile,
+        fused_optimizer=train.fused_optimizer,
+    )
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
@@ -132,12 +149,12 @@ def _all_min(value: int) -> int:
     return value
 
 
-def _any(flag: bool) -> bool:
+def _all_max(value: float) -> float:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([int(flag)], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
+        return float(t.item())
+    return value
 
 
 @dataclass
@@ -173,12 +190,24 @@ def train_loop(config: dict[str, Any]) -> None:
     teacher = None
     if train.teacher and train.distill_weight > 0:
         teacher = load_checkpoint(resolve_checkpoint(train.teacher, settings.s3)).to(device).eval()
+    options = step_options(train)
     step_module = RamPlusTraining(model, vocabulary, LossWeights(train.tag_weight, train.text_weight, train.distill_weight))
+    prepare_step(step_module, options)
+    if train.freeze_encoder:  # before DDP wraps it: DDP registers only parameters that need gradients
+        model.image_encoder.requires_grad_(False)
     step_module = ray.train.torch.prepare_model(step_module)
     inner: RamPlusTraining = step_module.module if hasattr(step_module, "module") else step_module
-    optimizer = build_optimizer(inner.model, lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = warmup_cosine(optimizer, train.warmup_steps, train.epochs * data.steps_per_epoch)
+    optimizer = build_optimizer(
+        inner.model, lr=train.lr, weight_decay=train.weight_decay, encoder_lr_scale=train.encoder_lr_scale,
+        freeze_encoder=train.freeze_encoder, fused=fused_for(inner.model, options.fused_optimizer),
+    )
+    if options.compile:
+        step_module = torch.compile(step_module)
+    budget_s = train.max_minutes * 60 if train.max_minutes is not None else None
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, train.epochs * data.steps_per_epoch, budget_s=budget_s)
     state = _restore(ray.train.get_checkpoint(), inner.model, optimizer, scheduler, wlog)
+    # The time budget is the run's, not the attempt's: a resumed run goes on with what its checkpoint had used.
+    started -= state.get("seconds", 0.0)
 
     generator = torch.Generator()
     for epoch in range(state["epoch"], train.epochs):
@@ -191,9 +220,10 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch + 1, "step": state["step"], **means,
             "images_per_s": steps * data.per_rank_batch * world / max(1e-9, time.monotonic() - epoch_start),
-            "elapsed_s": time.monotonic() - started,
+            "elapsed_s": time.monotonic() - started, "lr": optimizer.param_groups[0]["lr"],
         }
         state["epoch"] = epoch + 1
+        state["seconds"] = metrics["elapsed_s"]
         _report_epoch(metrics, rank, inner.model, data.val, optimizer, scheduler, state)
         wlog.info("retrain.epoch", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         if out_of_time:
@@ -249,6 +279,8 @@ def _train_epoch(
     for b in range(data.steps_per_epoch):
         idx = order[b * batch : (b + 1) * batch]
         images = mine.pixels[idx]
+        if train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if train.flip:
             flips = torch.rand(len(idx), generator=generator) < 0.5
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
@@ -264,12 +296,13 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
-        scheduler.step()
+        elapsed = _all_max(time.monotonic() - started)  # every rank sets the same rate and stops at the same step
+        scheduler.step(elapsed)
         state["step"] += 1
         for k in sums:
             if k in out:
                 sums[k] += float(out[k].detach())
-        if train.max_minutes is not None and _any(time.monotonic() - started > train.max_minutes * 60):
+        if train.max_minutes is not None and elapsed > train.max_minutes * 60:
             out_of_time = True
             break
     steps = b + 1
@@ -376,6 +409,9 @@ def publish_model(model: RamPlus, settings: Settings, state: dict[str, Any], des
         targets = tag_targets(val.tags, vocab.tags)
         model.set_vocabulary(vocab.with_thresholds(calibrate_thresholds(scores, targets, default=float(vocab.thresholds.mean()))))
     scores, metrics = evaluate(model, val)
+    if len(val):  # which tags are weak: per tag, NaN (no positive in the split) as null
+        ap = average_precision(scores, tag_targets(val.tags, vocab.tags)).tolist()
+        metrics["val_tag_ap"] = {t: (None if a != a else round(a, 4)) for t, a in zip(vocab.tags, ap)}  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         out = save_pretrained(model, Path(tmp) / "artifact")
         (out / "metrics.json").write_text(json.dumps(

@@ -4,7 +4,7 @@ Layout under ``out`` (a local folder or ``s3://bucket/prefix/``)::
 
     images/00000000.jpg ...   JPEG, quality 92, no chroma subsampling (colours are tags here)
     manifest.jsonl            one ManifestRecord per image (uri relative to ``out``), written last
-    tags.json                 {"tags", "groups", "descriptions": {tag: [...]}, "generator": {...}}
+    tags.json                 {"tags", "groups", "descriptions": {tag: [...]}, "generator": {"version", ...}}
     descriptions.json         the official description layout [{tag: ["a photo of a {tag}.", ...]}],
                               ready for ``ramplus vocab build --descriptions``
 
@@ -23,6 +23,7 @@ from collections import Counter
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from fractions import Fraction
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import structlog
@@ -30,11 +31,11 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from ramplus_core.errors import RamPlusError
-from ramplus_core.synthetic import GENERATOR_VERSION, TAG_GROUPS, TAGS, Scene, describe_tags, generate
+from ramplus_core.synthetic import GENERATOR_VERSION, Scene, describe_tags, generate, tag_groups
 from workers.train.manifest import ManifestRecord, split_s3_uri, write_manifest
 from workers.settings import S3Settings
 
-__all__ = ["DatasetError", "DatasetSummary", "image_key", "split_of", "write_dataset"]
+__all__ = ["DatasetError", "DatasetSummary", "dataset_groups", "image_key", "split_of", "write_dataset"]
 
 log = structlog.get_logger("ramplus.synth")
 
@@ -56,7 +57,8 @@ class DatasetSummary(BaseModel):
     train: int
     val: int
     objects: dict[int, int] = Field(description="Images by number of objects")
-    tag_counts: dict[str, int] = Field(description="Images per tag, in TAGS order")
+    tag_counts: dict[str, int] = Field(description="Images per tag of the dataset's vocabulary, by group")
+    version: int = Field(GENERATOR_VERSION, description="Generator version (ramplus_core.synthetic.GENERATORS)")
     seconds: float
 
 
@@ -76,18 +78,29 @@ def _jpeg(scene: Scene) -> bytes:
     return buffer.getvalue()
 
 
-def _metadata(n: int, seed: int, size: int, val_fraction: float) -> dict[str, bytes]:
-    descriptions = describe_tags()
-    tags = {
-        "tags": TAGS,
-        "groups": TAG_GROUPS,
+def dataset_groups(version: int = GENERATOR_VERSION, colours: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """The tags a dataset can hold, by group: its generator's, with only the colours it was drawn with."""
+    groups = tag_groups(version)
+    if colours is not None:
+        groups["colour"] = [c for c in groups["colour"] if c in set(colours)]
+    return groups
+
+
+def _metadata(n: int, seed: int, size: int, val_fraction: float, version: int, colours: Sequence[str] | None) -> dict[str, bytes]:
+    groups = dataset_groups(version, colours)
+    tags = [t for g in groups.values() for t in g]
+    every = describe_tags(version)
+    descriptions = {t: every[t] for t in tags}
+    meta = {
+        "tags": tags,
+        "groups": groups,
         "descriptions": descriptions,
-        "generator": {"name": "ramplus_core.synthetic", "version": GENERATOR_VERSION, "n": n, "seed": seed,
-                      "size": size, "val_fraction": val_fraction},
+        "generator": {"name": "ramplus_core.synthetic", "version": version, "n": n, "seed": seed,
+                      "size": size, "val_fraction": val_fraction, "colours": list(colours) if colours is not None else None},
     }
-    official = [{tag: [f"a photo of a {tag}.", *descriptions[tag]]} for tag in TAGS]
+    official = [{tag: [f"a photo of a {tag}.", *descriptions[tag]]} for tag in tags]
     return {
-        "tags.json": json.dumps(tags, indent=2).encode(),
+        "tags.json": json.dumps(meta, indent=2).encode(),
         "descriptions.json": json.dumps(official, indent=2).encode(),
     }
 
@@ -161,16 +174,25 @@ def write_dataset(
     client: Any = None,
     workers: int = 8,
     progress: bool | None = None,
+    version: int = GENERATOR_VERSION,
+    colours: Sequence[str] | None = None,
 ) -> DatasetSummary:
     """Draw ``n`` scenes and write images, manifest, tags and descriptions to a folder or ``s3://bucket/prefix/``.
 
     For S3, ``client`` or a client built from ``s3`` (endpoint, region; credentials from the AWS chain)
     uploads on ``workers`` threads; the bucket must exist. ``progress`` defaults to whether stderr is a TTY.
+    ``version`` picks the generator (``ramplus_core.synthetic.GENERATORS``); ``colours`` draws objects in
+    those colours only.
     """
     if n < 1:
         raise DatasetError(f"n must be at least 1, got {n}")
     if not 0.0 <= val_fraction <= 1.0:
         raise DatasetError(f"val_fraction must be within [0, 1], got {val_fraction}")
+    try:
+        groups = dataset_groups(version, colours)
+        next(generate(1, seed, size, version=version, colours=colours))  # bad version or colours: fail before writing
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
     started = time.perf_counter()
     writer: _LocalWriter | _S3Writer = _S3Writer(out, s3, client, workers) if out.startswith("s3://") else _LocalWriter(out)
     records: list[ManifestRecord] = []
@@ -178,14 +200,14 @@ def write_dataset(
     tag_counts: Counter[str] = Counter()
     bar = tqdm(total=n, desc="synth", unit="img", disable=not (sys.stderr.isatty() if progress is None else progress))
     try:
-        for index, scene in enumerate(generate(n, seed, size)):
+        for index, scene in enumerate(generate(n, seed, size, version=version, colours=colours)):
             writer.put(image_key(index), _jpeg(scene), "image/jpeg")
             records.append(ManifestRecord(uri=image_key(index), captions=scene.captions, tags=scene.tags,
                                           split=split_of(index, val_fraction)))
             objects[len(scene.objects)] += 1
             tag_counts.update(scene.tags)
             bar.update()
-        for name, body in _metadata(n, seed, size, val_fraction).items():
+        for name, body in _metadata(n, seed, size, val_fraction, version, colours).items():
             writer.put(name, body, "application/json")
         if isinstance(writer, _S3Writer):
             writer.flush()  # every image is stored before the manifest that lists them
@@ -197,7 +219,7 @@ def write_dataset(
     val = sum(r.split == "val" for r in records)
     summary = DatasetSummary(
         out=out, manifest=manifest, n=n, seed=seed, size=size, train=n - val, val=val,
-        objects=dict(sorted(objects.items())), tag_counts={t: tag_counts[t] for t in TAGS},
+        objects=dict(sorted(objects.items())), tag_counts={t: tag_counts[t] for g in groups.values() for t in g}, version=version,
         seconds=round(time.perf_counter() - started, 3),
     )
     log.info("synth.written", out=out, n=n, seed=seed, size=size, train=summary.train, val=val, seconds=summary.seconds)
