@@ -54,6 +54,7 @@ def build(args: argparse.Namespace, options: StepOptions, device: torch.device) 
     model.set_vocabulary(vocab)
     step = RamPlusTraining(model, vocab).train()
     prepare_step(step, options)
+    step.vocab_tensors()  # eagerly, as the retraining loop does before it compiles
     optimizer = build_optimizer(model, lr=1e-4, fused=fused_for(model, options.fused_optimizer))
     return step, optimizer
 

@@ -1,5 +1,8 @@
 """Retraining on the real stack: Ray Train (2 CPU workers) on synthetic data in S3, vocabulary from Redis,
-checkpoints and the artifact in S3; the artifact then serves in `ramplus tag` and in the fleet."""
+checkpoints and the artifact in S3. A base model is trained from scratch on scenes in four colours, then
+fine-tuned from its artifact with two colours it never saw added to the vocabulary (the encoder at a tenth of
+the head's learning rate, activation checkpointing on); the fine-tuned artifact, new tags and calibrated
+thresholds included, then serves in `ramplus tag` and in the fleet."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typer.testing import CliRunner
 
 from fleet_kit import fleet_settings, make_topics, publish, request, wait_until
 from ramplus_core import Vocabulary, load_checkpoint
-from ramplus_core.synthetic import TAGS, describe_tags
+from ramplus_core.synthetic import COLOURS, TAGS, describe_tags
 from ramplus_core.text_encoder import TextEncoder
 from workers.train.artifacts import fetch_artifact
 from workers.cli import app
@@ -25,23 +28,26 @@ from workers.train.synth_data import write_dataset
 from workers.vocab.store import VocabStore
 
 IMAGES = 800  # at most 1,000, as the acceptance says
-MINUTES = 3.0
+MINUTES = 2.0  # the base model
+TUNE_MINUTES = 1.5
+NEW_COLOURS = ["orange", "purple"]
+BASE_TAGS = [t for t in TAGS if t not in NEW_COLOURS]
 
 
-def synthetic_vocabulary(name: str) -> Vocabulary:
+def synthetic_vocabulary(name: str, tags: list[str] = TAGS, version: str = "1") -> Vocabulary:
     encoder = TextEncoder("ramplus-tiny-text", None)  # random weights, seed 0: the same in every worker
     descriptions = describe_tags()
     return Vocabulary.from_descriptions(
-        [{t: descriptions[t]} for t in TAGS], encoder.encode, text_encoder=encoder.id, name=name, version="1", thresholds=0.5,
+        [{t: descriptions[t]} for t in tags], encoder.encode, text_encoder=encoder.id, name=name, version=version, thresholds=0.5,
     )
 
 
-def train_settings(stack, bucket: str, vocab_ref: str, run_name: str, **train) -> Settings:
+def train_settings(stack, bucket: str, vocab_ref: str, run_name: str, data: str = "synth", **train) -> Settings:
     return Settings(
         s3=S3Settings(endpoint_url=stack.s3_endpoint, region=stack.s3_credentials["region_name"], bucket=bucket),
         redis={"url": stack.redis_url},
         train={
-            "run_name": run_name, "manifest": f"s3://{bucket}/synth/manifest.jsonl",
+            "run_name": run_name, "manifest": f"s3://{bucket}/{data}/manifest.jsonl",
             "storage_path": f"s3://{bucket}/runs", "output": f"s3://{bucket}/models", "model": "tiny@64",
             "vocabulary": f"redis:{vocab_ref}", "text_encoder": "ramplus-tiny-text", "text_weights": "none",
             "workers": 2, "cpus_per_worker": 1, "batch_size": 16, "lr": 5e-4, "warmup_steps": 20,
@@ -51,30 +57,67 @@ def train_settings(stack, bucket: str, vocab_ref: str, run_name: str, **train) -
 
 
 @pytest.fixture(scope="module")
-def trained(stack, ray_cluster, s3_client):
+def base(stack, ray_cluster, s3_client):
+    """A model trained from scratch on scenes drawn without the new colours, with a vocabulary without them."""
     from workers.train.retrain import run
 
     bucket = f"retrain-{uuid.uuid4().hex[:8]}"
     s3_client.create_bucket(Bucket=bucket)
     s3 = S3Settings(endpoint_url=stack.s3_endpoint, region=stack.s3_credentials["region_name"])
+    old_colours = [c for c in COLOURS if c not in NEW_COLOURS]
+    write_dataset(f"s3://{bucket}/synth-base", n=IMAGES, seed=1, size=96, s3=s3, progress=False, colours=old_colours)
     write_dataset(f"s3://{bucket}/synth", n=IMAGES, seed=0, size=96, s3=s3, progress=False)
     store = VocabStore(redis.Redis.from_url(stack.redis_url))
     name = f"synth-{uuid.uuid4().hex[:6]}"
-    ref = store.publish(synthetic_vocabulary(name))
-    settings = train_settings(stack, bucket, ref, f"run-{uuid.uuid4().hex[:6]}", epochs=40, max_minutes=MINUTES)
+    ref = store.publish(synthetic_vocabulary(name, BASE_TAGS))
+    settings = train_settings(stack, bucket, ref, f"run-{uuid.uuid4().hex[:6]}", data="synth-base", epochs=40, max_minutes=MINUTES)
     result = run(settings, version="v1")
-    yield settings, result, bucket
+    yield settings, result, bucket, store, name
     for key in store.redis.scan_iter(match=f"ramplus:vocab:{name}:*"):
         store.redis.delete(key)
 
 
-def test_training_lowers_the_loss_and_beats_the_label_prior_twice(trained):
-    _, result, _ = trained
+@pytest.fixture(scope="module")
+def trained(base, stack):
+    """The base artifact fine-tuned on scenes in every colour, with the two new colours added to its vocabulary."""
+    from workers.train.retrain import run
+
+    base_settings, base_result, bucket, store, name = base
+    ref = store.publish(synthetic_vocabulary(name, TAGS, version="2"))
+    settings = train_settings(
+        stack, bucket, ref, f"tune-{uuid.uuid4().hex[:6]}", init=base_result.artifact, epochs=20, max_minutes=TUNE_MINUTES,
+        encoder_lr_scale=0.1, grad_checkpointing=True, warmup_steps=0,
+    )
+    return settings, run(settings, version="v1"), bucket
+
+
+def test_training_lowers_the_loss_and_beats_the_label_prior_twice(base):
+    _, result, _, _, _ = base
     history = result.history
     assert len(history) >= 2 and history[-1]["elapsed_s"] <= MINUTES * 60 + 60
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], [h["train_loss"] for h in history]
     assert history[-1]["val_map"] >= 2 * history[-1]["prior_map"], (history[-1]["val_map"], history[-1]["prior_map"])
     assert [h["step"] for h in history] == sorted({h["step"] for h in history})
+
+
+def test_the_lr_follows_the_time_budget(base):
+    _, result, _, _, _ = base
+    lrs = [h["lr"] for h in result.history]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] <= 0.1 * 5e-4, lrs  # at its floor when the time is up
+
+
+def test_the_fine_tune_learns_the_added_tags_and_keeps_the_old_ones(base, trained):
+    base_settings, base_result, _, _, _ = base
+    settings, result, _ = trained
+    before = json.loads((fetch_artifact(base_result.artifact, base_settings.s3) / "metrics.json").read_text())["final"]["val_tag_ap"]
+    after = json.loads((fetch_artifact(result.artifact, settings.s3) / "metrics.json").read_text())
+    assert after["train"]["init"] == base_result.artifact and after["train"]["encoder_lr_scale"] == 0.1
+    tag_ap = after["final"]["val_tag_ap"]
+    assert set(tag_ap) == set(TAGS)
+    prior = after["final"]["prior_map"]
+    assert all(tag_ap[t] > 2 * prior for t in NEW_COLOURS), {t: tag_ap[t] for t in NEW_COLOURS}
+    kept = {t: tag_ap[t] / before[t] for t in BASE_TAGS if before[t]}
+    assert sum(kept.values()) / len(kept) >= 0.9, kept
 
 
 def test_the_artifact_holds_the_model_its_vocabulary_metrics_and_its_own_scores(trained, s3_client):

@@ -34,7 +34,7 @@ NEW_COLOURS = ["orange", "purple"]
 BASE_STEPS = 1500  # enough for the tiny model to know colours, shapes and backgrounds (mAP ~0.9)
 TUNE_STEPS = 300  # the budget both contenders get on the new data
 BATCH = 16
-MARGIN = 0.15  # mAP on the new tags: fine-tuned >= scratch + MARGIN
+MARGIN = 0.3  # mAP on the new tags: fine-tuned >= scratch + MARGIN (measured: 0.89 against 0.28)
 
 
 def scenes(n: int, seed: int, colours: list[str]) -> tuple[torch.Tensor, list[list[str]]]:

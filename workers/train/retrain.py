@@ -202,6 +202,7 @@ def train_loop(config: dict[str, Any]) -> None:
         freeze_encoder=train.freeze_encoder, fused=fused_for(inner.model, options.fused_optimizer),
     )
     if options.compile:
+        inner.vocab_tensors()  # made eagerly on the device now: inside the compiled step it would break the graph
         step_module = torch.compile(step_module)
     budget_s = train.max_minutes * 60 if train.max_minutes is not None else None
     scheduler = warmup_cosine(optimizer, train.warmup_steps, train.epochs * data.steps_per_epoch, budget_s=budget_s)
