@@ -72,6 +72,7 @@ def batch(args: argparse.Namespace, size: int, dim: int, device: torch.device, c
 def measure(args: argparse.Namespace, name: str, options: StepOptions, batch_size: int, device: torch.device,
             wrap=None) -> dict:  # noqa: ANN001 - wrap: module -> module (DDP)
     torch.manual_seed(0)
+    torch._dynamo.reset()  # the previous option's compiled graphs hold its model's memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -113,7 +114,6 @@ def measure(args: argparse.Namespace, name: str, options: StepOptions, batch_siz
         **{k: v for k, v in asdict(options).items() if v},
     }
     print(json.dumps(row), flush=True)
-    del step, module, optimizer
     return row
 
 

@@ -69,8 +69,8 @@ class Recipe:
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-FULL = Recipe(images=2000, epochs=40, max_minutes=4.0, stream=240, backfill=120)
-QUICK = Recipe(images=1000, epochs=15, max_minutes=2.0, stream=60, backfill=30)
+FULL = Recipe(images=2000, epochs=50, max_minutes=5.0, stream=240, backfill=120)
+QUICK = Recipe(images=1000, epochs=30, max_minutes=3.0, stream=60, backfill=30)
 
 
 # --------------------------------------------------------------------------------------------------------------
