@@ -141,9 +141,16 @@ def evaluate(model: RamPlus, examples: Examples, batch_size: int = 64) -> tuple[
 # -- the per-worker loop ------------------------------------------------------------------------------------
 
 
+def _collective_device() -> torch.device:
+    """NCCL (Ray Train's backend on GPUs) reduces CUDA tensors only; gloo reduces CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_min(value: int) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return int(t.item())
     return value
@@ -151,7 +158,7 @@ def _all_min(value: int) -> int:
 
 def _all_max(value: float) -> float:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
     return value
@@ -297,7 +304,9 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
-        elapsed = _all_max(time.monotonic() - started)  # every rank sets the same rate and stops at the same step
+        elapsed = time.monotonic() - started
+        if train.max_minutes is not None:  # every rank sets the same rate and stops at the same step
+            elapsed = _all_max(elapsed)
         scheduler.step(elapsed)
         state["step"] += 1
         for k in sums:
