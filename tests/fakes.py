@@ -5,6 +5,7 @@ Same pipeline, same messages, same commit rules as the Kafka/S3 fleet.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable
 
@@ -90,6 +91,19 @@ class MemorySink:
     def results(self) -> list[TagResult]:
         """What was written, read back as a consumer would (each line validated against the schema)."""
         return [TagResult.model_validate_json(r.json) for _, rs in self.writes for r in rs]
+
+
+class MemoryCanarySink:
+    """Canary lines by canary ref, as a reader of the canary prefix would parse them."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[dict]] = {}
+        self._lock = threading.Lock()
+
+    def write(self, ref: str, tp: TopicPartition, offsets: list[int], lines: list[str]) -> str:
+        with self._lock:
+            self.lines.setdefault(ref, []).extend(json.loads(line) for line in lines)
+            return f"{ref}/{tp[1]}/{min(offsets)}"
 
 
 class MemoryDeadLetters:

@@ -95,6 +95,29 @@ class ReplicaMetrics:
             ["outcome"], registry=r,
         )
         self.vocab_cache_size = Gauge("ramplus_vocab_cache_size", "Vocabularies kept loaded besides the active one", registry=r)
+        # Canary vocabularies (workers/vocab/canary.py); `canary` is the candidate's name@version.
+        self.canary_fraction = Gauge(
+            "ramplus_canary_fraction", "Share of requests scored by the canary too; the series is gone once it stops",
+            ["canary"], registry=r,
+        )
+        self.canary_images = Counter("ramplus_canary_images", "Images scored by the canary (and written)", ["canary"], registry=r)
+        self.canary_agreement = Histogram(
+            "ramplus_canary_agreement", "Per image: Jaccard of the active version's and the canary's tag sets", ["canary"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0), registry=r,
+        )
+        self.canary_positives = Counter(
+            "ramplus_canary_positives", "Tags given to canary-scored images, by the active version and by the canary",
+            ["canary", "side"], registry=r,
+        )
+        self.canary_tag_rate = Gauge(
+            "ramplus_canary_tag_rate",
+            "Per-tag positive rate on canary-scored images, for the tags whose rate changes most (bounded label set)",
+            ["canary", "side", "tag"], registry=r,
+        )
+        self.canary_write_failures = Counter(
+            "ramplus_canary_write_failures", "Canary result objects that could not be written (never holds the stream)",
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -51,7 +51,16 @@ class S3Settings(BaseModel):
     bucket: str = Field("ramplus-results", description="Bucket for result objects")
     prefix: str = Field("results/", description="Key prefix of result objects")
     create_bucket: bool = Field(False, description="Create the result bucket if it does not exist")
+    canary_prefix: str = Field("canary/", description="Key prefix of canary results (never under the results prefix)")
     # Credentials come from the usual AWS chain (AWS_ACCESS_KEY_ID, profiles, instance roles): never from here.
+
+    @model_validator(mode="after")
+    def _canary_apart(self) -> S3Settings:
+        # Consumers list the results prefix: a canary result under it would be read as a real one.
+        a, b = self.prefix, self.canary_prefix
+        if not b or a.startswith(b) or b.startswith(a):
+            raise ValueError(f"s3.canary_prefix {b!r} and s3.prefix {a!r} must not contain one another")
+        return self
 
 
 class RedisSettings(BaseModel):
@@ -60,6 +69,9 @@ class RedisSettings(BaseModel):
     poll_interval_s: float = Field(1.0, gt=0, description="Fallback check of the active version when no event comes")
     cache_size: int = Field(4, ge=1, description="Vocabularies kept loaded for requests that name one besides the active")
     prefetch: bool = Field(True, description="Load a version of the followed vocabulary when it is published, so activate is instant")
+    canary_min_agreement: float | None = Field(
+        None, ge=0, le=1, description="`vocab activate` refuses a version whose canary agreed less on average (unless --force)"
+    )
 
 
 class FetchSettings(BaseModel):

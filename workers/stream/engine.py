@@ -38,6 +38,7 @@ from workers.errors import ErrorKind, InputError, input_error_from
 from workers.schemas import VocabRef
 from workers.metrics import ReplicaMetrics
 from workers.vocab.cache import VocabularyCache
+from workers.vocab.canary import Canary, CanaryBatch
 
 
 class VocabularySource(Protocol):
@@ -157,6 +158,7 @@ class TaggingEngine:
         self._encode = self._compiled_encoder(compile_backend) if self.buckets else self.model.encode_image
         self._side_stream: Any = None
         self._vocab_lock = threading.Lock()
+        self._canary: Canary | None = None
         # Without a store it still keeps the versions it switched away from (for requests pinned to them).
         self.cache = VocabularyCache(
             self.prepare_vocabulary, capacity=vocab_cache_size, resolve_ttl_s=vocab_resolve_ttl_s, metrics=metrics,
@@ -224,6 +226,22 @@ class TaggingEngine:
         if previous is not None and previous.vocabulary.ref != prepared.vocabulary.ref:
             self.cache.discard(prepared.vocabulary.ref)  # active now: its slot is free for another
             self.cache.put(previous)
+
+    @property
+    def canary(self) -> Canary | None:
+        """The canary vocabulary and fraction (workers/vocab/canary.py), None when there is none."""
+        return self._canary
+
+    def set_canary(self, vocabulary: Vocabulary | VocabularyTensors | None, fraction: float = 0.0) -> Canary | None:
+        """Score `fraction` of the requests (those the pipeline picks) with `vocabulary` too, from the next
+        batch on; None stops it and lets its tensors go."""
+        if vocabulary is None:
+            self._canary = None
+            return None
+        if not 0 < fraction <= 1:
+            raise ValueError(f"canary fraction must be in (0, 1], got {fraction}")
+        self._canary = Canary(self.model.prepare_vocabulary(vocabulary), fraction)
+        return self._canary
 
     def vocabulary_for(self, ref: str) -> VocabularyTensors | None:
         """What a request naming `ref` ('name' or 'name@version') is tagged with; None: the active one at batch time.
@@ -293,8 +311,13 @@ class TaggingEngine:
         return StagedBatch(len(items), good, x, errors, ready)
 
     @torch.inference_mode()
-    def run(self, staged: StagedBatch, vocabularies: Sequence[VocabularyTensors | None] | None = None) -> list[ImageTags | InputError]:
-        """Model and tag selection for a staged batch; the vocabularies are resolved now, between batches."""
+    def run(
+        self, staged: StagedBatch, vocabularies: Sequence[VocabularyTensors | None] | None = None,
+        canary: CanaryBatch | None = None,
+    ) -> list[ImageTags | InputError]:
+        """Model and tag selection for a staged batch; the vocabularies are resolved now, between batches.
+        With `canary`, its rows are also scored with the canary vocabulary (into `canary.tags`), from the
+        same image embeddings."""
         out: list[ImageTags | InputError] = [staged.errors.get(i) for i in range(staged.size)]  # type: ignore[misc]
         if staged.pixels is None:
             return out
@@ -304,8 +327,13 @@ class TaggingEngine:
             current.wait_event(staged.ready)
             x.record_stream(current)
         chosen_for_good = [vocabularies[i] for i in staged.good] if vocabularies is not None else None
-        for i, tags in zip(staged.good, self._infer(x, chosen_for_good)):
-            out[i] = tags
+        position = {i: n for n, i in enumerate(staged.good)}
+        canary_rows = [position[i] for i in canary.rows if i in position] if canary is not None else []
+        tags, canary_tags = self._infer(x, chosen_for_good, canary.canary.vocab if canary is not None else None, canary_rows)
+        for i, t in zip(staged.good, tags):
+            out[i] = t
+        if canary is not None:
+            canary.tags = {staged.good[n]: t for n, t in zip(canary_rows, canary_tags)}
         return out
 
     def _stage_stream(self) -> Any:
@@ -315,7 +343,10 @@ class TaggingEngine:
             self._side_stream = torch.cuda.Stream(self.device)
         return self._side_stream
 
-    def _infer(self, x: torch.Tensor, vocabularies: Sequence[VocabularyTensors | None] | None) -> list[ImageTags]:
+    def _infer(
+        self, x: torch.Tensor, vocabularies: Sequence[VocabularyTensors | None] | None,
+        canary: VocabularyTensors | None = None, canary_rows: Sequence[int] = (),
+    ) -> tuple[list[ImageTags], list[ImageTags]]:
         with self._vocab_lock:
             active = self.model.vocabulary_tensors
         assert active is not None
@@ -326,11 +357,16 @@ class TaggingEngine:
         embeds = self.encode_images(x)
         if len(groups) == 1:
             logits = self.model.head_logits(embeds, chosen[0])  # selected where they are: only hits come back
-            return select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)
-        out: list[Any] = [None] * len(chosen)
-        for rows in groups.values():
-            vocab = chosen[rows[0]]
-            logits = self.model.head_logits(embeds[rows], vocab)
-            for i, tags in zip(rows, select_tags(logits, vocab.vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)):
-                out[i] = tags
-        return out
+            out = select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)
+        else:
+            out = [None] * len(chosen)
+            for rows in groups.values():
+                vocab = chosen[rows[0]]
+                logits = self.model.head_logits(embeds[rows], vocab)
+                for i, tags in zip(rows, select_tags(logits, vocab.vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)):
+                    out[i] = tags
+        if canary is None or not canary_rows:
+            return out, []
+        # The encoder's work is shared: only the head runs again, for the chosen rows.
+        logits = self.model.head_logits(embeds[list(canary_rows)], canary)
+        return out, select_tags(logits, canary.vocabulary, threshold=self.threshold, top_k=self.top_k)

@@ -49,9 +49,11 @@ from ramplus_core.tagging import ImageTags
 from workers.errors import DeadLetterRefused, ErrorKind, InputError, SourceUnavailable
 from workers.metrics import ReplicaMetrics
 from workers.stream.offsets import OffsetTracker
-from workers.stream.ports import DeadLetterSink, Engine, Fetcher, ResultSink, Source
+from workers.stream.ports import CanarySink, DeadLetterSink, Engine, Fetcher, ResultSink, Source
 from workers.stream.records import Record, TopicPartition
 from workers.schemas import DEAD_LETTER_ORIGINAL_BYTES, MAX_REQUEST_BYTES, DeadLetter, ResultLine, TagRequest, TagResult
+from workers.stream.canary_writer import CanaryWriter
+from workers.vocab.canary import CanaryBatch
 
 log = structlog.get_logger("ramplus.pipeline")
 
@@ -90,6 +92,7 @@ class StreamPipeline:
         max_request_bytes: int = MAX_REQUEST_BYTES,
         dead_letter_original_bytes: int = DEAD_LETTER_ORIGINAL_BYTES,
         metrics: ReplicaMetrics | None = None,
+        canary_sink: CanarySink | None = None,
     ) -> None:
         self.source, self.sink, self.dead_letters = source, sink, dead_letters
         self.engine, self.fetcher = engine, fetcher
@@ -100,10 +103,12 @@ class StreamPipeline:
         self.stuck_after_s = stuck_after_s
         self.max_request_bytes, self.dead_letter_original_bytes = max_request_bytes, dead_letter_original_bytes
         self.metrics = metrics or ReplicaMetrics()
+        # None: canaries are not scored here, whatever the engine holds.
+        self.canary = CanaryWriter(canary_sink, worker, self.metrics) if canary_sink is not None else None
         self.tracker = OffsetTracker()
         self._pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="ramplus-fetch")
         self._ready: queue.Queue[Prepared] = queue.Queue()
-        self._to_write: queue.Queue[list[tuple[Prepared, ImageTags | InputError]] | None] = queue.Queue(maxsize=4)
+        self._to_write: queue.Queue[tuple[list[tuple[Prepared, ImageTags | InputError]], CanaryBatch | None] | None] = queue.Queue(maxsize=4)
         self._finished: queue.SimpleQueue[tuple[TopicPartition, int, int]] = queue.SimpleQueue()
         self._stopping = threading.Event()  # no more retries of writes: give up and leave offsets uncommitted
         self._flush = threading.Event()  # draining: do not wait for partial batches
@@ -360,11 +365,13 @@ class StreamPipeline:
                     continue
                 batch, staged = item
                 started = time.monotonic()
-                tags = self.engine.run(staged, [p.vocab for p in batch])
+                canary = self.canary.choose(self.engine.canary, batch) if self.canary is not None else None
+                vocabs = [p.vocab for p in batch]
+                tags = self.engine.run(staged, vocabs, canary) if canary is not None else self.engine.run(staged, vocabs)
                 self.metrics.batch_size.observe(len(batch))
                 self.metrics.batch_seconds.observe(time.monotonic() - started)
                 self.stats["batches"] += 1
-                self._to_write.put(list(zip(batch, tags)))
+                self._to_write.put((list(zip(batch, tags)), canary))
         except BaseException as exc:  # a model failure (e.g. CUDA OOM) is fatal: Ray restarts the replica
             log.exception("inference.failed")
             self._fatal = exc
@@ -380,12 +387,17 @@ class StreamPipeline:
                 item = self._to_write.get()
                 if item is None:
                     return
-                self._write_batch(item)
+                results, canary = item
+                written = self._write_batch(results)
+                if canary is not None and self.canary is not None:
+                    self.canary.write(canary, results, written)
         except BaseException as exc:  # a writer that died silently would hold every partition: restart instead
             log.exception("writer.failed")
             self._fatal = exc
 
-    def _write_batch(self, item: list[tuple[Prepared, ImageTags | InputError]]) -> None:
+    def _write_batch(self, item: list[tuple[Prepared, ImageTags | InputError]]) -> set[int]:
+        """Writes the batch's results; returns the `id()` of each Prepared whose result was written."""
+        written: set[int] = set()
         by_partition: dict[TopicPartition, list[tuple[Prepared, ResultLine]]] = {}
         for prepared, tags in item:
             record, request = prepared.record, prepared.request
@@ -416,6 +428,8 @@ class StreamPipeline:
                 self._finished.put((tp, prepared.record.offset, prepared.epoch))
             self.metrics.images.inc(len(rows))
             self.stats["tagged"] += len(rows)
+            written.update(id(prepared) for prepared, _ in rows)
+        return written
 
     def _dead_letter_or_skip(self, record: Record, error: InputError, request: TagRequest | None, epoch: int) -> None:
         try:

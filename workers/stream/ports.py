@@ -35,6 +35,11 @@ class ResultSink(Protocol):
         """Remove what one `write` of this sink wrote, and nothing else (idempotent)."""
 
 
+class CanarySink(Protocol):
+    def write(self, ref: str, tp: TopicPartition, offsets: list[int], lines: list[str]) -> str:
+        """Canary result lines of one partition for the canary `ref`, apart from the consumers' results."""
+
+
 class DeadLetterSink(Protocol):
     def send(self, letter: DeadLetter, key: bytes | None) -> None:
         """Acknowledged when it returns; `DeadLetterRefused` when it can never be (anything else is retried)."""
@@ -47,11 +52,13 @@ class Fetcher(Protocol):
 
 class Engine(Protocol):
     model_id: str
+    canary: Any  # workers.vocab.canary.Canary | None: what `run` scores the chosen rows with too
 
     def decode(self, data: bytes, name: str) -> torch.Tensor | EncodedImage:
         """Pixels, or a checked JPEG left for `stage` to decode with its batch; `InputError` if it is no image."""
     def vocabulary_for(self, ref: str) -> Any: ...
     def stage(self, pixels: list[torch.Tensor | EncodedImage]) -> Any:
         """The batch made ready for the model (decoded, resized, on the device), on the staging thread."""
-    def run(self, staged: Any, vocabularies: list[Any] | None = None) -> list[ImageTags | InputError]:
-        """Per image: its tags, or the `InputError` of an image that could not be decoded after all."""
+    def run(self, staged: Any, vocabularies: list[Any] | None = None, canary: Any = None) -> list[ImageTags | InputError]:
+        """Per image: its tags, or the `InputError` of an image that could not be decoded after all; with a
+        `CanaryBatch`, its rows' canary tags into `canary.tags`."""

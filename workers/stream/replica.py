@@ -28,6 +28,7 @@ from workers.stream.kafka_io import KafkaSource
 from workers.metrics import ReplicaMetrics
 from workers.stream.pipeline import StreamPipeline
 from workers.stream.s3_sink import S3ResultSink
+from workers.vocab.canary_results import S3CanarySink
 from workers.settings import Settings
 from workers.vocab.store import VocabStore
 from workers.vocab.watcher import VocabularyWatcher
@@ -94,6 +95,7 @@ class Replica:
             drain_timeout_s=fleet.drain_timeout_s, stuck_after_s=fleet.stuck_after_s,
             max_request_bytes=settings.kafka.max_request_bytes,
             dead_letter_original_bytes=settings.kafka.dead_letter_original_bytes, metrics=self.metrics,
+            canary_sink=S3CanarySink(settings.s3, client=self.sink.client) if settings.redis.vocabulary else None,
         )
         self.source.hooks = self.pipeline
         self.source.on_assigned = self.sink.recover
@@ -113,6 +115,7 @@ class Replica:
             current=lambda: self.engine.vocabulary.ref, dim=self.engine.model.config.text_dim,
             poll_interval_s=settings.redis.poll_interval_s, metrics=self.metrics, cached=self.engine.cache.peek,
             prefetch=self._prefetch if settings.redis.prefetch else None,
+            set_canary=self.engine.set_canary, current_canary=lambda: self.engine.canary,
         )
         try:
             watcher.check()  # start on the active version when Redis is there; else the model's own, until it is
@@ -145,6 +148,7 @@ class Replica:
         undecodable = self.source.undecodable()
         return {
             "replica": self.index, "name": self.name, "vocab": self.engine.vocabulary.ref, "cached_vocabs": self.engine.cache.refs(),
+            "canary": self.engine.canary.ref if self.engine.canary is not None else None,
             "in_flight": self.pipeline.tracker.in_flight(), **self.pipeline.stats,
             # Not ready: a partition it owns is paused at a batch it cannot decode (README, "undecodable").
             "ready": not undecodable, "undecodable": [dataclasses.asdict(u) for u in undecodable],

@@ -100,3 +100,4 @@ class S3ResultSink:
         if removed:
             log.info("s3.recovered", topic=tp[0], partition=tp[1], committed=committed, removed_lines=removed)
         return removed
+

@@ -128,12 +128,107 @@ def publish(
         typer.echo(f"activated {ref}")
 
 
+def _canary_report(ref: str, store, *, top: int = 20):  # noqa: ANN001, ANN202
+    """The canary report of `ref` from its lines in S3 (settings s3.*) and the tag lists in Redis."""
+    from workers.settings import Settings
+    from workers.vocab.canary_results import S3CanarySink
+    from workers.vocab.canary import CanaryLine, CanaryReport
+    from workers.vocab.store import parse_ref
+
+    name, version = parse_ref(ref)
+    rows = S3CanarySink(Settings.load().s3).read(ref)
+    lines = sorted((CanaryLine.model_validate(r) for r in rows), key=lambda line: str(line.ts))
+
+    def tags_of(v: str | None) -> list[str] | None:
+        try:
+            return list(store.show(name, v)["metadata"]["tags"]) if v else None
+        except Exception:  # noqa: BLE001 - deleted since: the report falls back to the tags that fired
+            return None
+
+    actives = {line.active for line in lines}
+    active_tags = tags_of(parse_ref(next(iter(actives))).version) if len(actives) == 1 else None
+    return CanaryReport.of(ref, lines, canary_tags=tags_of(version), active_tags=active_tags, top=top)
+
+
 @app.command()
-def activate(name: str, version: str, redis_url: RedisUrl = None) -> None:
-    """Make NAME@VERSION the active version; every replica following NAME switches between two batches."""
+def activate(
+    name: str,
+    version: str,
+    min_agreement: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, envvar="RAMPLUS_REDIS__CANARY_MIN_AGREEMENT",
+        help="Refuse unless the version's canary agreed at least this much on average (default: settings).")] = None,
+    force: Annotated[bool, typer.Option(help="Activate even when the canary gate refuses.")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Make NAME@VERSION the active version; every replica following NAME switches between two batches.
+
+    If the version ran as a canary, its report is shown first; with a minimum agreement set, a version
+    whose canary agreed less (or that never ran as one) is refused unless --force."""
+    from workers.vocab.canary import CanaryControl
+
     store = _store(redis_url)
+    ref = f"{name}@{version}"
+    report = None
+    try:
+        report = _canary_report(ref, store, top=10)
+    except Exception as exc:  # noqa: BLE001 - S3 away or not configured: say so, the gate decides below
+        typer.echo(f"canary results of {ref} unavailable: {type(exc).__name__}: {exc}", err=True)
+    if report is not None and report.images:
+        typer.echo(report.text())
+    if min_agreement is not None:
+        mean = report.agreement_mean if report is not None else None
+        if mean is None or mean < min_agreement:
+            why = "no canary results" if mean is None else f"canary agreement {mean:.3f} < {min_agreement}"
+            if not force:
+                _fail(f"not activating {ref}: {why} (run `ramplus vocab canary {ref}` first, or --force)")
+            typer.echo(f"activating {ref} despite {why} (--force)", err=True)
     previous = _run(lambda: store.activate(name, version))
-    typer.echo(f"activated {name}@{version}" + (f" (was {previous})" if previous else ""))
+    control = CanaryControl(store)
+    canary = control.get(name)
+    if canary is not None and canary.version == version:
+        control.stop(name)  # active now: nothing left to compare it with
+        typer.echo(f"stopped the canary of {ref}")
+    typer.echo(f"activated {ref}" + (f" (was {previous})" if previous else ""))
+
+
+@app.command()
+def canary(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION to score alongside the active version (NAME with --stop).")],
+    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of requests scored by the canary too.")] = 0.05,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop NAME's canary.")] = False,
+    dim: Annotated[int, typer.Option(help="The model's text dimension (512 for every RAM++ model).")] = 512,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Score a share of live requests with a candidate version too; its results go under s3.canary_prefix.
+
+    The candidate is loaded and checked here first: one that cannot load is refused and nothing changes."""
+    from workers.vocab.canary import CanaryControl
+    from workers.vocab.store import parse_ref
+
+    store = _store(redis_url)
+    control = CanaryControl(store)
+    if stop:
+        name = _run(lambda: parse_ref(ref)).name
+        stopped = control.stop(name)
+        typer.echo(f"stopped the canary {name}@{stopped.version}" if stopped else f"{name} had no canary")
+        return
+    if fraction <= 0:
+        _fail("--fraction must be above 0 (use --stop to stop a canary)")
+    config = _run(lambda: control.start(ref, fraction, dim=dim))
+    typer.echo(f"canary {ref} at fraction {config.fraction}: replicas following {ref.split('@')[0]} score it within a poll interval")
+
+
+@app.command("canary-report")
+def canary_report(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION of the canary.")],
+    top: Annotated[int, typer.Option(min=1, help="Tags listed per section.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON.")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Compare a canary with the active version on the requests it scored (from its results in S3)."""
+    store = _store(redis_url)
+    report = _run(lambda: _canary_report(ref, store, top=top))
+    typer.echo(report.model_dump_json(indent=2) if as_json else report.text())
 
 
 @app.command()

@@ -8,6 +8,11 @@ A new version is loaded and validated on this watcher's thread, then handed to t
 between two batches (a batch in progress finishes with the vocabulary it started with). A version that
 fails validation is refused: the replica keeps the old one, logs why and counts it. Redis going away stops
 nothing: tagging goes on with the vocabulary in memory and the watcher reconnects by itself.
+
+With `set_canary`, it also keeps the replica's canary (workers/vocab/canary.py) in step with Redis: the
+candidate is loaded (from the cache when prefetched) and checked like any version; one that fails is
+refused (the replica scores no canary and the active version is untouched) until the canary is started
+again. A canary of the version that is active meanwhile is stopped: it would compare a version with itself.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import structlog
 from ramplus_core.errors import VocabularyError
 from ramplus_core.vocabulary import Vocabulary
 from workers.metrics import ReplicaMetrics
+from workers.vocab.canary import CanaryControl
 from workers.vocab.store import EVENTS, VocabStore
 
 log = structlog.get_logger("ramplus.vocab")
@@ -45,6 +51,8 @@ class VocabularyWatcher:
         metrics: ReplicaMetrics | None = None,
         cached: Callable[[str], Any] | None = None,
         prefetch: Callable[[Vocabulary], None] | None = None,
+        set_canary: Callable[[Any, float], Any] | None = None,
+        current_canary: Callable[[], Any] | None = None,
     ) -> None:
         self.store, self.name, self.apply, self.current = store, name, apply, current
         self.cached = cached  # 'name@version' -> an already loaded version (prefetched, or requests named it), or None
@@ -56,6 +64,9 @@ class VocabularyWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ramplus-vocab", daemon=True)
         self._pubsub: Any = None
+        self.set_canary, self.current_canary = set_canary, current_canary  # the engine's; `Canary | None`
+        self.canaries = CanaryControl(store)
+        self._canary_refused: tuple[str, float] | None = None  # (ref, started_at) of a canary that failed to load
 
     def start(self) -> None:
         self._thread.start()
@@ -65,7 +76,13 @@ class VocabularyWatcher:
         self._thread.join(timeout=10)
 
     def check(self) -> bool:
-        """Switch to the active version if it is not the one in use; True if a switch happened."""
+        """Switch to the active version if it is not the one in use (True if a switch happened); then the canary."""
+        switched = self._check_active()
+        if self.set_canary is not None:
+            self.check_canary()
+        return switched
+
+    def _check_active(self) -> bool:
         version = self.store.active_version(self.name)
         if version is None or f"{self.name}@{version}" == self.current() or version in self.refused:
             return False
@@ -87,6 +104,43 @@ class VocabularyWatcher:
         self.metrics.vocab_switch_seconds.observe(time.monotonic() - started)
         log.info("vocab.switched", vocab=vocabulary.ref, tags=len(vocabulary), from_cache=loaded is not None)
         return True
+
+    def check_canary(self) -> None:
+        """Load, replace or drop the replica's canary as Redis says."""
+        assert self.set_canary is not None and self.current_canary is not None
+        config = self.canaries.get(self.name)
+        current = self.current_canary()
+        active = self.current()
+        if config is None or f"{self.name}@{config.version}" == active:
+            if current is not None:
+                self.set_canary(None, 0.0)
+                self._drop_fraction(current.ref)
+                log.info("vocab.canary_stopped", canary=current.ref)
+            return
+        ref = f"{self.name}@{config.version}"
+        if current is not None and current.ref == ref and current.fraction == config.fraction:
+            return
+        if self._canary_refused == (ref, config.started_at):
+            return
+        try:
+            loaded = self.cached(ref) if self.cached is not None else None
+            self.set_canary(loaded if loaded is not None else self.store.load(self.name, config.version, dim=self.dim), config.fraction)
+        except VocabularyError as exc:
+            self._canary_refused = (ref, config.started_at)
+            reason = next((r for key, r in _REASONS if key in str(exc)), "invalid")
+            self.metrics.vocab_refused.labels(reason=reason).inc()
+            log.error("vocab.canary_refused", canary=ref, reason=str(exc), active=active)
+            return
+        if current is not None and current.ref != ref:
+            self._drop_fraction(current.ref)
+        self.metrics.canary_fraction.labels(canary=ref).set(config.fraction)
+        log.info("vocab.canary_started", canary=ref, fraction=config.fraction, active=active)
+
+    def _drop_fraction(self, ref: str) -> None:
+        try:
+            self.metrics.canary_fraction.remove(ref)
+        except KeyError:  # never exported (set by someone other than this watcher)
+            pass
 
     def _subscribe(self) -> None:
         if self._pubsub is None:
