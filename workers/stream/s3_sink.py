@@ -100,4 +100,3 @@ class S3ResultSink:
         if removed:
             log.info("s3.recovered", topic=tp[0], partition=tp[1], committed=committed, removed_lines=removed)
         return removed
-

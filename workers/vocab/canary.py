@@ -3,6 +3,7 @@
 Control (Redis, next to the versions in `workers/vocab/store.py`):
 
     ramplus:vocab:{name}:canary      JSON CanaryConfig: the candidate version, the fraction, when it started
+    ramplus:vocab:{name}:canaried    set: versions that ever ran as a canary (`activate` shows their report)
     channel ramplus:vocab:events     {"event": "canary_started"|"canary_stopped", "name", "version", "ts"}
 
 Every replica following `name` loads the candidate (checked like any version) and, for the requests that
@@ -157,6 +158,7 @@ class CanaryControl:
         self.store.load(name, version, dim=dim)
         config = CanaryConfig(version=version, fraction=fraction)
         self.store.redis.set(self._key(name), config.model_dump_json())
+        self.store.redis.sadd(self.store._key(name, "canaried"), version)
         self._event("canary_started", name, version)
         return config
 
@@ -167,6 +169,10 @@ class CanaryControl:
         if config is not None:
             self._event("canary_stopped", name, config.version)
         return config
+
+    def was_canaried(self, name: str, version: str) -> bool:
+        """Whether `name@version` ever ran as a canary (its results may be in S3)."""
+        return bool(self.store.redis.sismember(self.store._key(name, "canaried"), version))
 
     def get(self, name: str) -> CanaryConfig | None:
         raw = self.store.redis.get(self._key(name))

@@ -167,12 +167,14 @@ def activate(
     from workers.vocab.canary import CanaryControl
 
     store = _store(redis_url)
+    control = CanaryControl(store)
     ref = f"{name}@{version}"
     report = None
-    try:
-        report = _canary_report(ref, store, top=10)
-    except Exception as exc:  # noqa: BLE001 - S3 away or not configured: say so, the gate decides below
-        typer.echo(f"canary results of {ref} unavailable: {type(exc).__name__}: {exc}", err=True)
+    if min_agreement is not None or control.was_canaried(name, version):
+        try:
+            report = _canary_report(ref, store, top=10)
+        except Exception as exc:  # noqa: BLE001 - S3 away or not configured: say so, the gate decides below
+            typer.echo(f"canary results of {ref} unavailable: {type(exc).__name__}: {exc}", err=True)
     if report is not None and report.images:
         typer.echo(report.text())
     if min_agreement is not None:
@@ -183,7 +185,6 @@ def activate(
                 _fail(f"not activating {ref}: {why} (run `ramplus vocab canary {ref}` first, or --force)")
             typer.echo(f"activating {ref} despite {why} (--force)", err=True)
     previous = _run(lambda: store.activate(name, version))
-    control = CanaryControl(store)
     canary = control.get(name)
     if canary is not None and canary.version == version:
         control.stop(name)  # active now: nothing left to compare it with
@@ -226,8 +227,15 @@ def canary_report(
     redis_url: RedisUrl = None,
 ) -> None:
     """Compare a canary with the active version on the requests it scored (from its results in S3)."""
+    from ramplus_core import RamPlusError
+
     store = _store(redis_url)
-    report = _run(lambda: _canary_report(ref, store, top=top))
+    try:
+        report = _canary_report(ref, store, top=top)
+    except RamPlusError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - S3 away or refusing: one clear line, not a traceback
+        _fail(f"cannot read the canary results of {ref} (settings s3.*): {type(exc).__name__}: {exc}")
     typer.echo(report.model_dump_json(indent=2) if as_json else report.text())
 
 
