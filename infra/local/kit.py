@@ -76,6 +76,17 @@ def make_topics(
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {}), NewTopic(name + ".dlq", 1, 1)])
+        # Created is not yet led: a consumer that joins before every partition has a leader can be given
+        # no partitions of it ("No partition metadata for topic") and wait for the next rebalance.
+        def led() -> bool:
+            described = admin.describe_topics([name, name + ".dlq"])
+            return len(described) == 2 and all(
+                t.get("error_code", 0) == 0 and len(t["partitions"]) == (partitions if t["name"] == name else 1)
+                and all(p["leader_id"] >= 0 for p in t["partitions"])
+                for t in described
+            )
+        if not wait_until(led, 30, interval_s=0.1):
+            raise RuntimeError(f"topics {name} and {name}.dlq were created but have no leaders after 30 s")
     finally:
         admin.close()
     return name, name + ".dlq"
