@@ -27,7 +27,11 @@ between the check and the PUT, or the PUT held up): ownership is checked again w
 answered, and a write answered only after the lease ran out is withdrawn and tried again, since it may
 have landed after the next owner's cleanup.
 
-At about 480 lines this file is longer than the house's 400 on purpose: it is one class whose four threads
+With a canary vocabulary in the engine (workers/vocab/canary.py), the inference thread has the chosen rows
+of each batch scored by it too and the writer writes their canary lines after the batch's results
+(`CanaryWriter`, best effort: it never holds a write or a commit).
+
+At about 510 lines this file is longer than the house's 400 on purpose: it is one class whose four threads
 share one lock, one offset tracker and the rules above, and the argument that nothing is lost or written
 twice has to be read in one place. What it needs of the world is in workers/stream/ports.py.
 """
