@@ -155,3 +155,103 @@ def test_refs_parse_and_reject_separators():
     assert parse_ref("demo@3") == ("demo", "3")
     with pytest.raises(VocabStoreError, match="no ':'"):
         parse_ref("a:b")
+
+
+# -- memory: neither publish nor load holds a vocabulary's bytes twice (50,000 x 51 x 512 is 2.6 GB in fp16) --
+
+
+class Wire:
+    """fakeredis as a network client behaves for memory: every reply is a fresh bytes object, and chunk values
+    written are only measured (so that what the server keeps is not counted as the publisher's memory)."""
+
+    def __init__(self) -> None:
+        self.server = fakeredis.FakeRedis()
+        self.chunk_writes: list[tuple[type, int]] = []
+
+    def set(self, key, value, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        if not key.endswith(":meta"):
+            self.chunk_writes.append((type(value), len(value)))
+            value = b"x"
+        return self.server.set(key, value, **kwargs)
+
+    def get(self, key):  # noqa: ANN001, ANN201
+        value = self.server.get(key)
+        return None if value is None else bytes(bytearray(value))
+
+    def mget(self, keys):  # noqa: ANN001, ANN201
+        return [self.get(k) for k in keys]
+
+    def __getattr__(self, name):  # noqa: ANN001, ANN201
+        return getattr(self.server, name)
+
+
+def traced_peak(fn) -> int:  # noqa: ANN001
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def big_vocab() -> Vocabulary:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(200, 4, 512, generator=g), dim=-1)  # 800 KiB in fp16
+    return Vocabulary.from_embeddings([f"t{i}" for i in range(200)], emb, name="big", version="1")
+
+
+def test_publish_hands_the_client_one_chunk_at_a_time_and_never_copies_the_whole():
+    wire, chunk = Wire(), 64 * 1024
+    store = VocabStore(wire, chunk_bytes=chunk)
+    v = big_vocab()
+    peak = traced_peak(lambda: store.publish(v))
+    payload = 200 * 4 * 512 * 2
+    assert [n for _, n in wire.chunk_writes] == [chunk] * (payload // chunk) + [payload % chunk]
+    assert all(kind is memoryview for kind, _ in wire.chunk_writes)
+    assert peak < 2 * chunk + 64 * 1024  # a chunk or two and the metadata JSON, not the 800 KiB payload
+
+
+def test_load_reads_chunk_by_chunk_into_one_buffer():
+    server, chunk = fakeredis.FakeRedis(), 16 * 1024
+    VocabStore(server, chunk_bytes=chunk).publish(big_vocab())
+    wire = Wire()
+    wire.server = server
+    loaded = []
+    peak = traced_peak(lambda: loaded.append(VocabStore(wire).load("big", "1")))
+    payload = 200 * 4 * 512 * 2
+    # the buffer the vocabulary keeps, plus a chunk in flight (and the client's copies of it), not all 50 chunks
+    assert peak < payload + 8 * chunk
+    assert (loaded[0].embeddings - big_vocab().embeddings).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("chunk_bytes", [101, 4096])
+def test_chunks_of_any_size_and_a_bf16_source_load_back_as_their_fp16_bytes(chunk_bytes):
+    store = VocabStore(fakeredis.FakeRedis(), chunk_bytes=chunk_bytes)
+    v = vocab(n=7)
+    bf16 = Vocabulary.from_embeddings(v.tags, v.embeddings, counts=v.counts, thresholds=v.thresholds, name="demo",
+                                      version="2", dtype="bfloat16")
+    store.publish(v)
+    store.publish(bf16)
+    assert torch.equal(store.load("demo", "1").embeddings, v.embeddings.to(torch.float16))
+    assert torch.equal(store.load("demo", "2").embeddings, bf16.embeddings.to(torch.float16))
+
+
+def test_a_chunk_longer_than_the_metadata_says_is_refused(store):
+    store.publish(vocab())
+    meta = json.loads(store.redis.get("ramplus:vocab:demo:1:meta"))
+    key = f"ramplus:vocab:demo:1:{meta['upload']}:{meta['chunks'] - 1}"
+    store.redis.set(key, store.redis.get(key) + b"\x00\x00")
+    with pytest.raises(VocabularyError, match="hold more than"):
+        store.load("demo", "1")
+
+
+def test_a_value_that_overflows_fp16_is_refused_and_leaves_no_chunks(store):
+    v = vocab(n=50, ragged=False)
+    v.embeddings[40, 0, 0] = 1e6  # finite in fp32, inf in fp16: found in a late chunk
+    with pytest.raises(VocabStoreError, match="not finite in float16"):
+        store.publish(v)
+    assert not list(store.redis.scan_iter("ramplus:vocab:demo:*"))

@@ -76,22 +76,17 @@ class VocabStore:
         meta_key = self._key(name, version, "meta")
         if self.redis.exists(meta_key):
             raise VocabStoreError(f"{name}@{version} already exists: versions are immutable, publish a new version")
-        embeddings = vocabulary.embeddings.detach().to(torch.float32).cpu().numpy().astype(_NP_DTYPES[dtype])
-        if not np.isfinite(embeddings).all():
-            raise VocabStoreError(f"{name}@{version}: embeddings are not finite in {dtype}")
-        payload = embeddings.tobytes()
         upload = uuid.uuid4().hex[:12]
-        chunks = max(1, -(-len(payload) // self.chunk_bytes))
-        for i in range(chunks):
-            self.redis.set(self._key(name, version, upload, str(i)), payload[i * self.chunk_bytes : (i + 1) * self.chunk_bytes])
+        shape = tuple(vocabulary.embeddings.shape)
+        size, chunks, digest = self._write_chunks(vocabulary.embeddings, dtype, name, version, upload)
         meta = {
             "metadata": json.loads(vocabulary.metadata.model_dump_json()) | {"name": name, "version": version},
             "thresholds": vocabulary.thresholds.tolist(),
             "counts": vocabulary.counts.tolist(),
-            "shape": list(embeddings.shape),
+            "shape": list(shape),
             "dtype": dtype,
-            "sha256": hashlib.sha256(payload).hexdigest(),
-            "bytes": len(payload),
+            "sha256": digest,
+            "bytes": size,
             "upload": upload,
             "chunks": chunks,
             "created_at": time.time(),
@@ -102,6 +97,28 @@ class VocabStore:
         self.redis.zadd(self._key(name, "versions"), {version: meta["created_at"]})
         self._event("published", name, version)
         return f"{name}@{version}"
+
+    def _write_chunks(self, embeddings: torch.Tensor, dtype: str, name: str, version: str, upload: str) -> tuple[int, int, str]:
+        """The embeddings as `dtype` bytes in chunks under `upload`: (bytes, chunks, sha256).
+
+        Chunk by chunk, each converted on its own and handed to the client as a view: the process holds the
+        vocabulary and one chunk, never a second copy of the whole (50,000 x 51 x 512 is 2.6 GB in fp16).
+        """
+        target = _TORCH_DTYPES[dtype]
+        flat = embeddings.detach().cpu().reshape(-1)
+        per_chunk = max(1, self.chunk_bytes // target.itemsize)  # whole elements: a chunk never splits one
+        digest, keys = hashlib.sha256(), []
+        for start in range(0, max(flat.numel(), 1), per_chunk):
+            part = flat[start : start + per_chunk].to(target)  # a view when the dtype is already the stored one
+            if not bool(torch.isfinite(part).all()):
+                if keys:
+                    self.redis.delete(*keys)
+                raise VocabStoreError(f"{name}@{version}: embeddings are not finite in {dtype}")
+            data = memoryview(part.numpy()).cast("B")
+            digest.update(data)
+            keys.append(self._key(name, version, upload, str(len(keys))))
+            self.redis.set(keys[-1], data)
+        return flat.numel() * target.itemsize, len(keys), digest.hexdigest()
 
     def activate(self, name: str, version: str) -> str | None:
         """Point `name` at `version` (which must be complete); returns the previously active version."""
@@ -194,19 +211,26 @@ class VocabStore:
         if version is None:
             raise VocabStoreError(f"{name}: no active version")
         meta = self._meta(name, version)
+        # Chunk by chunk into one buffer sized from the metadata, hashed on the way: the process holds the
+        # vocabulary and one chunk, never the chunks and their concatenation together.
         keys = [self._key(name, version, meta["upload"], str(i)) for i in range(meta["chunks"])]
-        parts = self.redis.mget(keys)
-        if any(p is None for p in parts):
-            raise VocabularyError(f"{name}@{version}: {sum(p is None for p in parts)} of {len(parts)} chunks are missing")
-        # One copy into a writable buffer (torch wants one), hashed on the way.
-        payload, digest, pos = bytearray(sum(len(p) for p in parts)), hashlib.sha256(), 0
-        for part in parts:
+        payload, digest, pos = bytearray(meta["bytes"]), hashlib.sha256(), 0
+        view = memoryview(payload)
+        for key in keys:
+            part = self.redis.get(key)
+            if part is None:
+                missing = sum(not self.redis.exists(k) for k in keys)
+                raise VocabularyError(f"{name}@{version}: {missing} of {len(keys)} chunks are missing")
+            if pos + len(part) > len(payload):
+                raise VocabularyError(f"{name}@{version}: the chunks hold more than the {len(payload)} bytes the metadata says")
             digest.update(part)
-            payload[pos : pos + len(part)] = part
+            view[pos : pos + len(part)] = part
             pos += len(part)
-        del parts
+        view.release()
         if digest.hexdigest() != meta["sha256"]:
             raise VocabularyError(f"{name}@{version}: checksum mismatch (corrupt or tampered embedding bytes)")
+        if pos != len(payload):
+            raise VocabularyError(f"{name}@{version}: the chunks hold {pos} bytes, the metadata says {len(payload)}")
         shape = tuple(meta["shape"])
         if len(shape) != 3 or int(np.prod(shape)) * np.dtype(_NP_DTYPES[meta["dtype"]]).itemsize != len(payload):
             raise VocabularyError(f"{name}@{version}: {len(payload)} bytes do not hold a {meta['dtype']} tensor of shape {shape}")
