@@ -2,7 +2,8 @@
 
     python bench/bench_hot_swap.py [--switches 10] [--replicas 2] [--tags 200] [--descriptions 4]
     python bench/bench_hot_swap.py --tags 4585 --descriptions 51       # official size
-    python bench/bench_hot_swap.py --tags 50000 --descriptions 51 --alternate --switches 5 --rate 10 --threshold 0.99
+    python bench/bench_hot_swap.py --tags 50000 --descriptions 51 --alternate --switches 5 --rate 10 --threshold 0.99 \
+        --head-memory-mb 256
 
 `--alternate` (large vocabularies, issue 19): two versions only, both held by every replica, switched back
 and forth. It measures the publish of the second one, publish -> every replica has prefetched it (their
@@ -10,6 +11,9 @@ and forth. It measures the publish of the second one, publish -> every replica h
 memory per version, and per switch the replicas' own `ramplus_vocab_switch_seconds` (the histogram's sum
 scraped before and after: one exact value per replica and switch), besides the activate -> first result
 latency. `--threshold 0.99` keeps result lines short (a random model scores every tag near 0.5).
+`--head-memory-mb` bounds each replica's head: by default each replica takes up to a quarter of what the
+host has available when its batch runs, and on one 24 GiB host that also holds Redis' two 2.6 GB versions
+and both replicas' four, that is memory the host does not have.
 
 Replicas prefetch a version when it is published (RAMPLUS_REDIS__PREFETCH, on by default) and the bench
 activates it 2 s after publishing, as an operator would; `--no-prefetch` measures the cold path (the
@@ -103,6 +107,8 @@ def main() -> None:
     parser.add_argument("--alternate", action="store_true", help="two prefetched versions switched back and forth (see above)")
     parser.add_argument("--rate", type=float, default=40.0, help="requests per second in the stream")
     parser.add_argument("--threshold", type=float, default=0.5, help="every tag's threshold in the published versions")
+    parser.add_argument("--head-memory-mb", type=int, default=None,
+                        help="RAMPLUS_MODEL__HEAD_MEMORY_MB of each replica (default: a share of the host's available memory)")
     args = parser.parse_args()
 
     import boto3
@@ -150,7 +156,7 @@ def main() -> None:
         kafka=KafkaSettings(bootstrap_servers=bootstrap, topic=topic, group_id=f"g-{run}", dead_letter_topic=topic + ".dlq"),
         s3=S3Settings(endpoint_url=endpoint, bucket=bucket, prefix="results/"),
         fetch=FetchSettings(s3_buckets=[bucket], concurrency=2),
-        model=ModelSettings(checkpoint=model_dir, device="cpu"),
+        model=ModelSettings(checkpoint=model_dir, device="cpu", head_memory_mb=args.head_memory_mb),
         fleet=FleetSettings(replicas=args.replicas, cpus_per_replica=0.5, batch_size=8, max_batch_wait_s=0.05, metrics_port=0),
     )
     # Only the active version and the one switched away from are held: official-size ones are ~0.7 GB each.

@@ -64,7 +64,8 @@ def main() -> None:
     loaded = store.load(name, dim=512)
     load_s = time.perf_counter() - t
     rss_after = rss_mib()
-    # What a CPU replica then holds: the model-ready copy (fp32 on CPU; on a GPU it is device memory).
+    # What a CPU replica then holds besides: the model-ready tensors (an fp32 model keeps an fp16 vocabulary as it
+    # is, so nothing more since issue 19; on a GPU it is a device copy in the model's dtype).
     from ramplus_core import create_model
 
     model = create_model("tiny@64", seed=0)
