@@ -121,6 +121,13 @@ class ModelSettings(BaseModel):
     compile_buckets: list[int] | None = Field(
         None, description="Batch sizes compiled (a partial batch is padded to the next); None: 1/8, 1/4, 1/2 and all of the batch size",
     )
+    tag_chunk_size: int | Literal["auto", "none"] = Field(
+        "auto", description="Tags the head scores at once: auto (from the free memory and the batch), none (all at once) or a number",
+    )
+    head_memory_mb: int | None = Field(
+        None, ge=1,
+        description="Memory the head may take with tag_chunk_size=auto; None: half the free GPU memory, or a quarter of the available host memory up to 2 GiB",
+    )
     cache_dir: Path = Field(
         Path("~/.cache/ramplus"), validate_default=True,
         description="Local copies: downloaded checkpoints (checkpoints/) and fetched s3:// artifacts (artifacts/)",
@@ -132,6 +139,20 @@ class ModelSettings(BaseModel):
         if value is not None and (not value or min(value) < 1):
             raise ValueError("compile buckets are batch sizes >= 1 (leave unset for the default)")
         return value
+
+    @field_validator("tag_chunk_size")
+    @classmethod
+    def _positive_chunk(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("tag_chunk_size is auto, none or a number of tags >= 1")
+        return value
+
+    def head_options(self) -> dict[str, Any]:
+        """The engine's `tag_chunk_size` and `head_memory_bytes` (ramplus_core.model.RamPlus.head_logits)."""
+        return {
+            "tag_chunk_size": None if self.tag_chunk_size == "none" else self.tag_chunk_size,
+            "head_memory_bytes": self.head_memory_mb * 2**20 if self.head_memory_mb is not None else None,
+        }
 
     def buckets_for(self, batch_size: int) -> list[int] | None:
         """The batch sizes to compile for a stage that forms batches of `batch_size` (None: not compiled)."""

@@ -209,3 +209,29 @@ def test_the_canary_prefix_is_never_inside_the_results_prefix():
     for prefix, canary in (("results/", "results/canary/"), ("out/", "o"), ("", "canary/")):
         with pytest.raises(ValueError, match="must not contain"):
             S3Settings(prefix=prefix, canary_prefix=canary)
+
+
+def test_the_engine_chunks_the_head_as_configured_and_every_setting_gives_the_same_tags(pixels):
+    from workers.settings import ModelSettings
+
+    assert ModelSettings().head_options() == {"tag_chunk_size": "auto", "head_memory_bytes": None}
+    assert ModelSettings(tag_chunk_size="none", head_memory_mb=64).head_options() == {"tag_chunk_size": None, "head_memory_bytes": 64 * 2**20}
+    with pytest.raises(ValueError):
+        ModelSettings(tag_chunk_size=0)
+    big = vocabulary("big", n=300, seed=1, name="tiny-vocab", threshold=0.5)
+    answers = []
+    for options in ({"tag_chunk_size": None}, {"tag_chunk_size": 7}, {"tag_chunk_size": "auto", "head_memory_bytes": 200_000}):
+        engine = TaggingEngine(make_tiny_model(), device="cpu", **options)
+        engine.set_vocabulary(big)
+        calls = []
+        real_decode = engine.model.decode
+        engine.model.decode = lambda q, e, real=real_decode: calls.append(q.shape[1]) or real(q, e)  # type: ignore[method-assign]
+        answers.append([(t.names, t.values) for t in engine.infer(pixels)])
+        chunks = {"None": [300], "7": [7] * 42 + [6]}.get(str(options["tag_chunk_size"]))
+        if chunks is not None:
+            assert calls == chunks
+        else:  # auto with a budget too small for 300 tags at once: several balanced chunks
+            assert len(calls) > 1 and sum(calls) == 300 and max(calls) - min(calls) <= 1
+    for names_values in answers[1:]:
+        for (names, values), (want_names, want_values) in zip(names_values, answers[0]):
+            assert names == want_names and values == pytest.approx(want_values, abs=1e-6)

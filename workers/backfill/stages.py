@@ -123,7 +123,7 @@ class BackfillTagger:
         self.engine = TaggingEngine(
             model, device=settings.model.device, precision=settings.model.precision, fast=settings.model.fast_preprocess,
             max_bytes=f.max_bytes, max_pixels=f.max_pixels, decode=settings.model.decode,
-            compile_buckets=settings.model.buckets_for(settings.backfill.batch_size),
+            compile_buckets=settings.model.buckets_for(settings.backfill.batch_size), **settings.model.head_options(),
         )
         if cfg["vocab"] is not None:
             self.engine.set_vocabulary(vocab_store(settings).load(*cfg["vocab"]))

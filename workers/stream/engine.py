@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from ramplus_core.errors import ImageError
-from ramplus_core.model import RamPlus, VocabularyTensors
+from ramplus_core.model import RamPlus, TagChunkSize, VocabularyTensors
 from ramplus_core.preprocess import EncodedImage, FastPreprocessor, decodable_on_device, decode_jpegs, inspect_image, open_image, pil_to_tensor
 from ramplus_core.tagger import place_model
 from ramplus_core.tagging import ImageTags, select_tags
@@ -140,6 +140,8 @@ class TaggingEngine:
         all_scores: bool = False,
         compile_buckets: Sequence[int] | None = None,
         compile_backend: Any = "inductor",
+        tag_chunk_size: TagChunkSize = "auto",
+        head_memory_bytes: int | None = None,
     ) -> None:
         if model.vocabulary is None:
             raise ValueError("the model has no vocabulary: load a checkpoint that has one or give a vocabulary file")
@@ -152,6 +154,9 @@ class TaggingEngine:
             self.image_size, fast=fast, max_bytes=max_bytes, max_pixels=max_pixels, defer_jpegs=self.decode_on_device,
         )
         self.threshold, self.top_k, self.all_scores = threshold, top_k, all_scores
+        # How the head chunks a vocabulary's tags (RamPlus.head_logits): "auto" keeps its memory within a
+        # budget whatever the vocabulary's size, and gives the same logits as one pass.
+        self.tag_chunk_size, self.head_memory_bytes = tag_chunk_size, head_memory_bytes
         self.buckets = sorted(set(compile_buckets)) if compile_buckets else []
         if any(b < 1 for b in self.buckets):
             raise ValueError(f"compile buckets must be batch sizes >= 1, got {list(compile_buckets or ())}")
@@ -203,10 +208,13 @@ class TaggingEngine:
         s = self.image_size
         for size in self.buckets or [1]:
             x = torch.zeros(size, 3, s, s, device=self.device, dtype=self.dtype)
-            self.model.head_logits(self.encode_images(x), self.model.vocabulary_tensors)
+            self.head_logits(self.encode_images(x), self.model.vocabulary_tensors)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+    def head_logits(self, embeds: torch.Tensor, vocab: VocabularyTensors | None) -> torch.Tensor:
+        return self.model.head_logits(embeds, vocab, tag_chunk_size=self.tag_chunk_size, head_memory_bytes=self.head_memory_bytes)
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -356,17 +364,17 @@ class TaggingEngine:
             groups.setdefault(id(vocab), []).append(i)
         embeds = self.encode_images(x)
         if len(groups) == 1:
-            logits = self.model.head_logits(embeds, chosen[0])  # selected where they are: only hits come back
+            logits = self.head_logits(embeds, chosen[0])  # selected where they are: only hits come back
             out = select_tags(logits, chosen[0].vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)
         else:
             out = [None] * len(chosen)
             for rows in groups.values():
                 vocab = chosen[rows[0]]
-                logits = self.model.head_logits(embeds[rows], vocab)
+                logits = self.head_logits(embeds[rows], vocab)
                 for i, tags in zip(rows, select_tags(logits, vocab.vocabulary, threshold=self.threshold, top_k=self.top_k, all_scores=self.all_scores)):
                     out[i] = tags
         if canary is None or not canary_rows:
             return out, []
         # The encoder's work is shared: only the head runs again, for the chosen rows.
-        logits = self.model.head_logits(embeds[list(canary_rows)], canary)
+        logits = self.head_logits(embeds[list(canary_rows)], canary)
         return out, select_tags(logits, canary.vocabulary, threshold=self.threshold, top_k=self.top_k)

@@ -72,7 +72,7 @@ class Replica:
             fast=settings.model.fast_preprocess, max_bytes=f.max_bytes, max_pixels=f.max_pixels,
             vocab_store=self.vocab_store, vocab_cache_size=settings.redis.cache_size,
             vocab_resolve_ttl_s=settings.redis.poll_interval_s, metrics=self.metrics, decode=settings.model.decode,
-            compile_buckets=settings.model.buckets_for(fleet.batch_size),
+            compile_buckets=settings.model.buckets_for(fleet.batch_size), **settings.model.head_options(),
         )
         if self.engine.buckets:
             # Before the consumer subscribes (KafkaSource below): compiling inside the first batch would
