@@ -81,8 +81,7 @@ class RamPlusTraining(nn.Module):
         self._vocab: VocabularyTensors | None = None
 
     def vocab_tensors(self) -> VocabularyTensors:
-        p = self.model.reweight_scale
-        if self._vocab is None or self._vocab.embeddings.device != p.device or self._vocab.embeddings.dtype != p.dtype:
+        if self._vocab is None or not self.model.is_prepared(self._vocab):
             self._vocab = training_vocabulary(self.model, self.vocabulary)
         return self._vocab
 

@@ -61,6 +61,9 @@ class VocabularyMetadata(BaseModel):
         return f"{self.name}@{self.version}"
 
 
+_FINITE_SCAN_TAGS = 1024  # tags per slice of the finiteness scan: 1024 x 51 x 512 fp16 is 53 MB
+
+
 def content_sha256(embeddings: torch.Tensor, counts: torch.Tensor) -> str:
     digest = hashlib.sha256()
     digest.update(_tensor_bytes(embeddings))
@@ -68,12 +71,13 @@ def content_sha256(embeddings: torch.Tensor, counts: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a view, not a copy (a 50,000 x 51 x 512 fp16 vocabulary is 2.6 GB)."""
     t = t.detach().cpu().contiguous()
     # bfloat16 has no numpy dtype: hash its raw 16-bit pattern.
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return memoryview(t.numpy()).cast("B")
 
 
 def _as_thresholds(thresholds: float | Sequence[float] | torch.Tensor | None, num_tags: int) -> torch.Tensor:
@@ -362,11 +366,13 @@ class Vocabulary:
         # tensor state; the tensor's version counter moves on any in-place change, so a change is rescanned.
         state = (id(e), e._version, id(self.counts), self.counts._version)
         if self._finite_state != state:
-            # Padding rows too: a 0 weight times NaN is still NaN in the re-weighting matmul.
-            bad = ~torch.isfinite(e).all(dim=2)
-            if bool(bad.any()):
-                tag = meta.tags[int(bad.any(dim=1).nonzero()[0])]
-                raise VocabularyError(f"{where}: non-finite (NaN or inf) embedding values, first in tag {tag!r}")
+            # Padding rows too: a 0 weight times NaN is still NaN in the re-weighting matmul. In slices of tags:
+            # isfinite's temporaries are 2.5x what it scans (6 GB for a 50,000 x 51 x 512 fp16 vocabulary at once).
+            for start in range(0, c, _FINITE_SCAN_TAGS):
+                bad = ~torch.isfinite(e[start : start + _FINITE_SCAN_TAGS]).all(dim=2)
+                if bool(bad.any()):
+                    tag = meta.tags[start + int(bad.any(dim=1).nonzero()[0])]
+                    raise VocabularyError(f"{where}: non-finite (NaN or inf) embedding values, first in tag {tag!r}")
             self._finite_state = state
         if not bool(torch.isfinite(self.thresholds).all()) or bool(((self.thresholds < 0) | (self.thresholds > 1)).any()):
             raise VocabularyError(f"{where}: thresholds must be finite probabilities in [0, 1]")
