@@ -65,8 +65,8 @@ def reweight_descriptions(
     c, d, k = embeddings.shape
     cls = pooled / pooled.norm(dim=-1, keepdim=True)
     sims = ((log_scale.exp() * cls) @ embeddings.reshape(c * d, k).T).view(-1, c, d)
-    if mask is not None:  # in place: the matmul's output is needed by nothing else, not even its backward
-        sims.masked_fill_(~mask, float("-inf"))
+    if mask is not None:
+        sims = sims.masked_fill(~mask, float("-inf"))
     weights = sims.softmax(dim=-1)
     # [C, B, D] @ [C, D, K] -> [C, B, K]
     return torch.bmm(weights.transpose(0, 1), embeddings).transpose(0, 1)
@@ -167,7 +167,7 @@ class RamPlus(nn.Module):
         embeddings = vocab.embeddings.to(self.reweight_scale.dtype)  # a chunk of a 16-bit vocabulary, see above
         mixed = reweight_descriptions(image_embeds[:, 0], self.reweight_scale, embeddings, vocab.mask)
         # In place: a linear layer's backward needs its input, not its output.
-        return F.relu(self.wordvec_proj(mixed), inplace=True)
+        return F.relu(self.wordvec_proj(mixed))
 
     def decode(self, queries: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Tag (or caption) queries [B, T, decoder_dim] against image tokens -> logits [B, T]."""
