@@ -125,8 +125,11 @@ def test_a_replica_frozen_past_its_session_writes_nothing_its_successor_redoes(
     fleet = Fleet(fleet_settings(stack, tiny_model_dir, s3_bucket, topic, max_in_flight=64, metrics_port=port))
     fleet.start()
     try:
-        # both replicas busy, each with its own partitions and records in flight
-        assert wait_until(lambda: len(result_workers(s3_client, s3_bucket)) == 2, 120)
+        # both replicas busy, each with its own partitions and records in flight (CI once saw one writer
+        # only after 120 s: the replicas' own account says which partitions each held, if it happens again)
+        assert wait_until(lambda: len(result_workers(s3_client, s3_bucket)) == 2, 180), (
+            result_workers(s3_client, s3_bucket), fleet.stats()
+        )
         zombie = fleet.pids()[0]
         os.kill(zombie, signal.SIGSTOP)
         try:

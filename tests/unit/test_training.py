@@ -170,7 +170,7 @@ def test_the_schedule_resumes_where_it_stopped_also_from_an_older_checkpoint():
 def test_step_options_change_the_speed_not_the_step(options):
     """Same loss and the same weights after two steps as the plain step (up to float rounding)."""
 
-    def two_steps(opts: StepOptions) -> tuple[list[float], dict[str, torch.Tensor]]:
+    def two_steps(opts: StepOptions) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = make_tiny_model(num_tags=5).train()
         step = RamPlusTraining(model, model.vocabulary)
@@ -179,23 +179,34 @@ def test_step_options_change_the_speed_not_the_step(options):
         images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
         if opts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        losses = []
+        losses, first_grads = [], {}
         for _ in range(2):
             out = step(images, torch.eye(4, 5), torch.nn.functional.normalize(torch.randn(4, 512), dim=-1), torch.eye(4))
             optimizer.zero_grad()
             out["loss"].backward()
+            # Gradients that are zero by symmetry (attention key biases; queries and keys of a one-token
+            # window, where softmax is 1 whatever they are) come out as rounding noise (~1e-10), which Adam,
+            # dividing by sqrt(v), turns into steps of lr with an arbitrary sign: both runs zero them.
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    p.grad.masked_fill_(p.grad.abs() < 1e-7, 0.0)
+                    first_grads.setdefault(name, p.grad.detach().clone())
             optimizer.step()
-            losses.append(float(out["loss"]))
-        return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            losses.append(float(out["loss"].detach()))
+        return losses, first_grads, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    plain_losses, plain = two_steps(StepOptions())
-    losses, weights = two_steps(options)
+    plain_losses, plain_grads, plain = two_steps(StepOptions())
+    losses, grads, weights = two_steps(options)
     assert losses == pytest.approx(plain_losses, rel=1e-4)
-    differ = [k for k in plain if not torch.allclose(weights[k], plain[k], atol=1e-5)]
-    if options.fused_optimizer:
-        # Adam divides by sqrt(v): parameters whose gradients are ~0 by symmetry (attention key biases) move
-        # by up to lr per step on rounding alone, differently in the fused kernel. Everything else matches.
-        assert all(k.endswith(("k_proj.bias", "qkv.bias")) for k in differ), differ
-        assert all(torch.allclose(weights[k], plain[k], atol=2 * 1e-3) for k in differ)
-    else:
+    # The options must not change the gradient: same step, computed another way (up to float rounding).
+    assert plain_grads.keys() == grads.keys()
+    off = {k: float((grads[k] - plain_grads[k]).abs().max()) for k in grads
+           if not torch.allclose(grads[k], plain_grads[k], rtol=1e-3, atol=1e-6)}
+    assert not off, off
+    if not (options.channels_last or options.grad_checkpointing):
+        # Same gradients bit for bit: the fused optimizer must then give the same weights. (With another
+        # layout, a gradient of 1e-6 may round to the other sign, and Adam's first step is lr * sign(g)
+        # whatever |g|: weights may then differ by lr where the gradients agree to 1e-6; one machine's CPU
+        # showed it, CI's did not. Gradients and losses above are the invariant there.)
+        differ = {k: float((weights[k] - plain[k]).abs().max()) for k in plain if not torch.allclose(weights[k], plain[k], atol=1e-5)}
         assert not differ, differ

@@ -150,6 +150,7 @@ class Replica:
             "replica": self.index, "name": self.name, "vocab": self.engine.vocabulary.ref, "cached_vocabs": self.engine.cache.refs(),
             "canary": self.engine.canary.ref if self.engine.canary is not None else None,
             "in_flight": self.pipeline.tracker.in_flight(), **self.pipeline.stats,
+            "partitions": sorted(p for _, p in self.source.assignment()),
             # Not ready: a partition it owns is paused at a batch it cannot decode (README, "undecodable").
             "ready": not undecodable, "undecodable": [dataclasses.asdict(u) for u in undecodable],
         }
