@@ -123,6 +123,25 @@ class ReplicaMetrics:
         return generate_latest(self.registry)
 
 
+class FleetMetrics:
+    """The driver's own metrics (no `replica` label): the fleet's size as the lag and Ray see it."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.desired = Gauge("ramplus_fleet_replicas_desired", "Replicas the fleet wants (lag scaling, or the fixed count)", registry=r)
+        self.ready = Gauge("ramplus_fleet_replicas_ready", "Replicas started and consuming", registry=r)
+        self.pending = Gauge(
+            "ramplus_fleet_replicas_pending", "Replicas waiting for resources or loading (what a cluster autoscaler adds nodes for)",
+            registry=r,
+        )
+        self.lag = Gauge("ramplus_fleet_lag_records", "Records of the topic the group has not committed", registry=r)
+        self.scalings = Counter("ramplus_fleet_scalings", "Scaling decisions carried out", ["direction"], registry=r)
+        self.members_removed = Counter(
+            "ramplus_fleet_members_removed", "Static members of lost replicas removed from the group before their session timeout",
+            registry=r,
+        )
+
+
 class FleetCollector:
     """A prometheus_client collector that re-serves replicas' metrics with a `replica` label."""
 

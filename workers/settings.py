@@ -185,6 +185,37 @@ class FleetSettings(BaseModel):
     stuck_after_s: float = Field(
         120.0, gt=0, description="A record in flight longer than this is reported (log record.stuck, a metric)"
     )
+    resources_per_replica: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources per replica, e.g. {\"ramplus_slot\": 1} (places replicas on nodes that have them)"
+    )
+    min_replicas: int | None = Field(None, ge=1, description="Lag scaling: fewest replicas (None with max_replicas None: a fixed `replicas`)")
+    max_replicas: int | None = Field(None, ge=1, description="Lag scaling: most replicas (never more than the topic's partitions)")
+    target_lag_per_replica: int = Field(1_000, ge=1, description="Lag scaling: uncommitted records one replica should face")
+    scale_up_delay_s: float = Field(15.0, ge=0, description="Lag scaling: how long the lag must ask for more replicas before they start")
+    scale_down_delay_s: float = Field(120.0, ge=0, description="Lag scaling: how long it must ask for fewer before one drains and leaves")
+    lost_replica_grace_s: float = Field(
+        10.0, ge=0, description="A replica not alive this long (or at once if its node is dead) loses its partitions to the others"
+    )
+    watch_interval_s: float = Field(2.0, gt=0, description="How often the driver checks replicas' health and the lag")
+
+    @model_validator(mode="after")
+    def _scaling_bounds(self) -> FleetSettings:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("set both fleet.min_replicas and fleet.max_replicas (lag scaling), or neither (fixed replicas)")
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"fleet.min_replicas ({self.min_replicas}) is above fleet.max_replicas ({self.max_replicas})")
+        return self
+
+    @property
+    def scales(self) -> bool:
+        return self.min_replicas is not None and self.max_replicas is not None and self.max_replicas > self.min_replicas
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas at start: `replicas`, within [min_replicas, max_replicas] when lag scaling is on."""
+        if self.min_replicas is None or self.max_replicas is None:
+            return self.replicas
+        return max(self.min_replicas, min(self.max_replicas, self.replicas))
 
 
 class TrainSettings(BaseModel):

@@ -178,12 +178,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(stack):
-    ray = pytest.importorskip("ray")
-    # Replicas inherit the driver's environment: S3 credentials go in before Ray starts its workers.
+def ray_head(stack):
+    """The session's Ray cluster: a head node with 4 CPUs, to which tests may add nodes (`ray_nodes`)."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    # Replicas inherit the environment of the processes that start them: S3 credentials go in before Ray
+    # starts its nodes.
     for key, value in stack.env.items():
         if key.startswith("AWS_"):
             os.environ[key] = value
-    ray.init(num_cpus=4, include_dashboard=False, namespace=f"test-{uuid.uuid4().hex[:6]}", log_to_driver=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    import ray
+
+    ray.init(address=ray_head.address, namespace=f"test-{uuid.uuid4().hex[:6]}", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_nodes(ray_cluster, ray_head):
+    """Extra nodes for one test (tests/ray_nodes.py); every one left is killed after it."""
+    from ray_nodes import RayNodes
+
+    nodes = RayNodes(ray_head)
+    yield nodes
+    nodes.remove_all()

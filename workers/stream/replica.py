@@ -24,6 +24,7 @@ from workers.stream.engine import TaggingEngine
 from workers.io.fetchers import UriFetcher
 from workers.stream.kafka_codecs import check_codecs
 from workers.stream.dead_letters import KafkaDeadLetters
+from workers.stream.group_admin import instance_id
 from workers.stream.kafka_io import KafkaSource
 from workers.metrics import ReplicaMetrics
 from workers.stream.pipeline import StreamPipeline
@@ -86,7 +87,7 @@ class Replica:
         self.dead_letters = KafkaDeadLetters(settings.kafka, client_id=f"ramplus-dlq-{index}", metrics=self.metrics)
         self.source = KafkaSource(
             settings.kafka, client_id=f"ramplus-replica-{index}", metrics=self.metrics,
-            instance_id=f"{settings.kafka.group_id}-replica-{index}" if settings.kafka.static_membership else None,
+            instance_id=instance_id(settings.kafka, index),
         )
         self.pipeline = StreamPipeline(
             self.source, self.sink, self.dead_letters, self.engine, self.fetcher,
