@@ -38,6 +38,7 @@ def test_scaling_waits_for_its_delay_and_a_lull_in_between_restarts_the_clock():
     assert scaler.decide(1, 1_000, 4, now=12) is None  # a new burst: a new 10 s
     up = scaler.decide(1, 1_000, 4, now=22)
     assert up is not None and up.replicas == 3 and "scale up" in up.reason and "lag 1000" in up.reason
+    assert up.waited_s == 10
     # down takes the longer delay, and only after the lag has stayed low all that time
     assert scaler.decide(3, 0, 4, now=30) is None
     assert scaler.decide(3, 0, 4, now=80) is None
@@ -94,7 +95,11 @@ def test_a_replica_restarting_after_its_node_died_is_lost_at_once():
     assert reason is not None and "n1" in reason and "dead" in reason
 
 
-def test_an_unknown_state_removes_nobody():
+def test_an_unknown_state_removes_nobody_and_a_first_start_is_no_loss():
     lost = LostReplicas(grace_s=0)
+    assert lost.seen(2, alive(), now=0) is None
     assert lost.seen(2, ActorHealth(ActorState.UNKNOWN), now=100) is None
     assert lost.seen(2, ActorHealth(ActorState.DEAD), now=100) == "its actor is dead"
+    # a new replica loading or waiting for a node has joined no group yet: nothing to give away
+    assert lost.seen(3, ActorHealth(ActorState.PENDING, None, None), now=0) is None
+    assert lost.seen(3, ActorHealth(ActorState.PENDING, None, None), now=1_000) is None

@@ -39,6 +39,7 @@ class ScalingPolicy:
 class ScalingDecision:
     replicas: int  # the new size
     reason: str
+    waited_s: float = 0.0  # how long the lag had asked for it
 
 
 class Scaler:
@@ -67,4 +68,5 @@ class Scaler:
         self._wish = None
         direction = "up" if wanted > current else "down"
         return ScalingDecision(wanted, f"scale {direction}: lag {lag} records for {now - self._since:.0f} s, "
-                                       f"target {self.policy.target_lag_per_replica} per replica, {partitions} partitions")
+                                       f"target {self.policy.target_lag_per_replica} per replica, {partitions} partitions",
+                               now - self._since)

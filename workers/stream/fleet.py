@@ -17,7 +17,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from workers.metrics import FleetCollector, FleetMetrics
-from workers.stream.autoscale import Scaler, ScalingPolicy
+from workers.stream.autoscale import Scaler, ScalingDecision, ScalingPolicy
 from workers.stream.group_admin import LagProbe, remove_static_members
 from workers.stream.replica import ReplicaActor
 from workers.stream.replica_health import ActorState, LostReplicas, actor_health, live_nodes
@@ -92,6 +92,7 @@ class Fleet:
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._lag_failed = False
+        self.decisions: list[tuple[float, int, ScalingDecision]] = []  # (monotonic time, size before, decision)
 
     def connect(self) -> None:
         """Join the Ray cluster (or start a local one). Note: `ray.init` replaces the process's SIGTERM handler."""
@@ -196,6 +197,7 @@ class Fleet:
             return
         decision = self.scaler.decide(len(watched), lag.records, lag.partitions, now)
         if decision is not None:
+            self.decisions.append((now, len(watched), decision))
             self.scale_to(decision.replicas, decision.reason)
 
     def _collect_ready(self) -> None:
@@ -256,6 +258,7 @@ class Fleet:
             self._ready.discard(index)
             self._ready_refs.pop(index, None)
             self._retiring.pop(index, None)
+            self._started_indices.discard(index)
             self.lost.forget(index)
 
     # -- reading ------------------------------------------------------------------------------------------

@@ -87,7 +87,10 @@ class LostReplicas:
             return None
         if index in self._removed or health.state is ActorState.UNKNOWN:
             return None
-        since = self._alive_at.setdefault(index, now)
+        if index not in self._alive_at:
+            # Never alive yet (a first start, pending or loading): it holds no partitions to give away.
+            return "its actor is dead" if health.state is ActorState.DEAD and self._mark(index) else None
+        since = self._alive_at[index]
         last_node = self._node.get(index)
         reason = None
         if health.node_alive is False:
@@ -101,6 +104,10 @@ class LostReplicas:
         if reason is not None:
             self._removed.add(index)
         return reason
+
+    def _mark(self, index: int) -> bool:
+        self._removed.add(index)
+        return True
 
     def forget(self, index: int) -> None:
         """The replica was retired on purpose (scaled down): nothing to watch any more."""
