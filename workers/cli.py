@@ -218,6 +218,8 @@ def _settings(config: Optional[Path], **overrides: object):
 def serve(
     config: Annotated[Optional[Path], typer.Option(envvar="RAMPLUS_CONFIG", help="TOML or JSON settings file.")] = None,
     replicas: Annotated[Optional[int], typer.Option(min=1, help="Replica actors (default from settings).")] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(min=1, help="Lag scaling: fewest replicas (with --max-replicas).")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(min=1, help="Lag scaling: most replicas (never more than partitions).")] = None,
     gpus_per_replica: Annotated[Optional[float], typer.Option(min=0.0)] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
     create_topics: Annotated[bool, typer.Option(help="Create the request and dead-letter topics if missing.")] = True,
@@ -228,7 +230,8 @@ def serve(
     the consumer group and exits 0; a second one exits at once.
     """
     configure_logging()
-    settings = _settings(config, fleet__replicas=replicas, fleet__gpus_per_replica=gpus_per_replica, fleet__ray_address=ray_address)
+    settings = _settings(config, fleet__replicas=replicas, fleet__min_replicas=min_replicas, fleet__max_replicas=max_replicas,
+                         fleet__gpus_per_replica=gpus_per_replica, fleet__ray_address=ray_address)
     if settings.model.checkpoint is None:
         from ramplus_core.registry import OFFICIAL_WEIGHTS_HELP
 
@@ -259,7 +262,9 @@ def serve(
         except ReplicaStartFailed as exc:
             failed, started = str(exc), False
         if started:
-            typer.echo(f"serving {settings.kafka.topic} with {settings.fleet.replicas} replica(s); metrics on :{settings.fleet.metrics_port}", err=True)
+            f = settings.fleet
+            size = f"{len(fleet.actors)} replica(s)" + (f", scaling {f.min_replicas}..{f.max_replicas} by lag" if f.scales else "")
+            typer.echo(f"serving {settings.kafka.topic} with {size}; metrics on :{f.metrics_port}", err=True)
             fleet.serve_forever(signals.stop)
     finally:
         fleet.stop()
