@@ -320,7 +320,8 @@ class Fleet:
         # Only replicas alive can drain; one that waits for a node (or restarts) has nothing to finish, and
         # a stop call would wait for it to start first.
         alive_nodes = live_nodes()
-        draining = [a for _, a in current if actor_health(a, alive_nodes).state is ActorState.ALIVE]
+        gone = (ActorState.PENDING, ActorState.RESTARTING, ActorState.DEAD)  # UNKNOWN (GCS hiccup): try to drain it
+        draining = [a for _, a in current if actor_health(a, alive_nodes).state not in gone]
         refs = [a.stop.remote() for a in draining]
         results: list[dict[str, Any]] = []
         for ref in refs:
