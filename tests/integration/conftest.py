@@ -188,7 +188,19 @@ def ray_head(stack):
     for key, value in stack.env.items():
         if key.startswith("AWS_"):
             os.environ[key] = value
+    from ray._private.utils import get_ray_address_file
+
+    # Cluster writes its address to /tmp/ray/ray_current_cluster "for convenience", and a bare `ray.init()`
+    # then joins it: the programs tests start as a user would (jobs/backfill.py, the demo, `ramplus serve`)
+    # would join this session's cluster, with its environment, instead of starting their own Ray. Put the
+    # file back as it was (CI saw the backfill job exit 1 when it joined another session's cluster).
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    if before is None:
+        address_file.unlink(missing_ok=True)
+    else:
+        address_file.write_text(before)
     yield cluster
     cluster.shutdown()
 
