@@ -188,7 +188,7 @@ def ray_head(stack):
     for key, value in stack.env.items():
         if key.startswith("AWS_"):
             os.environ[key] = value
-    from ray._private.utils import get_ray_address_file
+    from ray._common.utils import get_ray_address_file
 
     # Cluster writes its address to /tmp/ray/ray_current_cluster "for convenience", and a bare `ray.init()`
     # then joins it: the programs tests start as a user would (jobs/backfill.py, the demo, `ramplus serve`)

@@ -134,6 +134,7 @@ def test_the_fleets_periodic_report_counts_replicas_not_ready_and_names_their_pa
 
     from structlog.testing import capture_logs
 
+    from workers.settings import Settings
     from workers.stream.fleet import Fleet
 
     stop = threading.Event()
@@ -149,7 +150,7 @@ def test_the_fleets_periodic_report_counts_replicas_not_ready_and_names_their_pa
 
     monkeypatch.setattr(Fleet, "stats", once)
     with capture_logs() as logs:
-        Fleet.__new__(Fleet).serve_forever(stop, report_every_s=0.01)
+        Fleet(Settings()).serve_forever(stop, report_every_s=0.01)  # connects to nothing until started
     [report] = [e for e in logs if e["event"] == "fleet.stats"]
     assert (report["not_ready"], report["alive"], report["tagged"]) == (1, 2, 8)
     [line] = [e for e in logs if e["event"] == "fleet.partition_undecodable"]
