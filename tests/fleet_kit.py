@@ -49,7 +49,8 @@ def scrape(port: int) -> dict[str, float]:
         for sample in family.samples:
             key = sample.name + (f"{{kind={sample.labels['kind']}}}" if "kind" in sample.labels else "")
             out[key] += sample.value
-            out[f"{sample.name}{{replica={sample.labels.get('replica')}}}"] = 1
+            if "replica" in sample.labels:  # the driver's own metrics (ramplus_fleet_*) have no replica label
+                out[f"{sample.name}{{replica={sample.labels['replica']}}}"] = 1
     return out
 
 
